@@ -1,0 +1,1 @@
+"""The policy: immutable data, presets, settings, and path and domain matching (no backends)."""

@@ -1,0 +1,129 @@
+"""The policy as immutable data.
+
+A `Policy` says what a sandboxed command may read, write and reach. It is built once (from a
+preset and the settings files, see `presets.py` and `settings.py`) and never changed; backends
+translate it into what the kernel needs. Every rule carries its `Origin` so that
+`corral policy show` can say where it came from.
+
+Rules of the model:
+1. Paths are absolute and normalised (no `~`, no `..`), but not resolved: symlinks are the
+   backends' business, because resolving them reads the disk.
+2. Deny beats allow. A path in `deny_read` is hidden even inside a writable path; a path in
+   `deny_write` is read-only even inside a writable path.
+3. Lists only ever grow when settings merge; scalars are replaced by later files.
+
+The types are NamedTuples rather than dataclasses on purpose: `corral run` imports this
+module on every launch and dataclasses pull in `inspect`, which costs more start-up time than
+the rest of the policy work together.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+Mode = Literal["strict", "standard", "permissive"]
+MODES: tuple[Mode, ...] = ("strict", "standard", "permissive")
+
+# none: an empty network namespace and no sockets at all; local: the sandbox's own loopback;
+# filtered: loopback plus the filtering proxy.
+NetworkAccess = Literal["none", "local", "filtered"]
+NETWORK_ACCESSES: tuple[NetworkAccess, ...] = ("none", "local", "filtered")
+
+BUILT_IN = "built-in"
+CLI = "command line"
+
+
+class Origin(NamedTuple):
+    """Where a rule came from: a settings file (and key path), a preset, the CLI or built-in."""
+
+    source: str
+    key: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.source} ({self.key})" if self.key else self.source
+
+
+class Rule(NamedTuple):
+    """One entry of a list in the policy: a path, a domain pattern, an env-name pattern..."""
+
+    value: str
+    origin: Origin
+
+
+class FilesystemPolicy(NamedTuple):
+    read: tuple[Rule, ...]
+    """Readable roots. `/` in standard and permissive; the workspace and system dirs in strict."""
+    write: tuple[Rule, ...]
+    """Writable paths (each also readable)."""
+    deny_read: tuple[Rule, ...]
+    """Hidden paths: empty directories or empty files inside the sandbox. May hold globs."""
+    deny_write: tuple[Rule, ...]
+    """Read-only even inside a writable path. Includes the mandatory protected files."""
+    private_tmp: bool
+    """A fresh, empty, writable /tmp that vanishes with the sandbox."""
+
+
+class NetworkPolicy(NamedTuple):
+    access: NetworkAccess
+    allowed_domains: tuple[Rule, ...] = ()
+    denied_domains: tuple[Rule, ...] = ()
+    allow_unix_sockets: tuple[Rule, ...] = ()
+    allow_local_binding: bool = False
+    host_ports: tuple[int, ...] = ()
+    publish_ports: tuple[int, ...] = ()
+    upstream_proxy: str | None = None
+    http_proxy_port: int | None = None
+    socks_proxy_port: int | None = None
+
+
+class EnvPolicy(NamedTuple):
+    """Environment variables: names matching `deny` are removed unless they match `allow`."""
+
+    deny: tuple[Rule, ...]
+    allow: tuple[Rule, ...] = ()
+
+
+class HostPaths(NamedTuple):
+    """The host locations a policy is built against, read from the environment at the edge."""
+
+    workspace: str
+    home: str
+    config_home: str
+    """$XDG_CONFIG_HOME or ~/.config"""
+    cache_home: str
+    """$XDG_CACHE_HOME or ~/.cache"""
+    state_home: str
+    """$XDG_STATE_HOME or ~/.local/state"""
+
+    @property
+    def user_settings_file(self) -> str:
+        return f"{self.config_home}/corral/settings.json"
+
+    @property
+    def project_settings_dir(self) -> str:
+        return f"{self.workspace}/.corral"
+
+
+class Policy(NamedTuple):
+    mode: Mode
+    host: HostPaths
+    filesystem: FilesystemPolicy
+    network: NetworkPolicy
+    env: EnvPolicy
+    allow_unsandboxed_commands: bool = False
+    excluded_commands: tuple[Rule, ...] = ()
+    package_cache: str | None = None
+    """A private per-workspace directory for pip, uv, npm and cargo caches (None: no cache)."""
+    origins: tuple[tuple[str, Origin], ...] = ()
+    """Where each scalar setting came from, as (key path, origin) pairs."""
+
+    @property
+    def workspace(self) -> str:
+        return self.host.workspace
+
+    def origin_of(self, key: str) -> Origin | None:
+        """The origin of a scalar setting such as `mode` or `network.access`."""
+        for name, origin in reversed(self.origins):
+            if name == key:
+                return origin
+        return None

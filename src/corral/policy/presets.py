@@ -1,0 +1,153 @@
+"""The three modes as policies, and the built-in lists every mode starts from.
+
+| mode       | write                              | read                         | network  |
+|------------|------------------------------------|------------------------------|----------|
+| strict     | workspace only                     | workspace + system dirs      | none     |
+| standard   | workspace + a private /tmp         | everything but the deny list | local    |
+| permissive | home (minus deny lists) + /tmp     | everything but the deny list | filtered |
+
+The deny lists apply in every mode. `MANDATORY_DENY_WRITE` cannot be removed by settings:
+these files run code on the host the next time the user opens a shell, enters the directory
+or runs git, so a sandboxed program that could write them would escape on the next occasion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from corral.policy.model import (
+    BUILT_IN,
+    EnvPolicy,
+    FilesystemPolicy,
+    HostPaths,
+    Mode,
+    NetworkAccess,
+    NetworkPolicy,
+    Origin,
+    Policy,
+    Rule,
+)
+
+# Credential stores: unreadable by default in every mode. `~` is the user's home.
+DEFAULT_DENY_READ = (
+    "~/.ssh",
+    "~/.aws",
+    "~/.gnupg",
+    "~/.config/gcloud",
+    "~/.azure",
+    "~/.kube",
+    "~/.docker/config.json",
+    "~/.netrc",
+    "~/.git-credentials",
+    "~/.npmrc",
+    "~/.pypirc",
+    "~/.config/gh",
+    "~/.config/hub",
+    "~/.cargo/credentials.toml",
+    "~/.cargo/credentials",
+    "~/.password-store",
+    "~/.local/share/keyrings",
+    "~/.vault-token",
+    "~/.terraform.d/credentials.tfrc.json",
+    "~/.config/op",
+)
+
+SHELL_STARTUP_FILES = (
+    ".bashrc",
+    ".zshrc",
+    ".profile",
+    ".bash_profile",
+    ".zprofile",
+    ".bash_login",
+    ".bash_logout",
+    ".zshenv",
+    ".zlogin",
+)
+
+# Relative to the workspace. `.git/*` is resolved through a `.git` file for worktrees and
+# submodules by the backends; git itself keeps working because only these two are read-only.
+WORKSPACE_PROTECTED = (".envrc", ".git/hooks", ".git/config", ".corral")
+
+# Read roots in strict mode. Missing ones are skipped; symlinked ones (merged /usr) kept as links.
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+
+# Secret-looking environment variable names, matched case-insensitively as shell globs.
+DEFAULT_ENV_DENY = (
+    "*TOKEN*",
+    "*SECRET*",
+    "*PASSWORD*",
+    "*PASSWD*",
+    "*_KEY",
+    "*CREDENTIAL*",
+    "AWS_*",
+    "*_PAT",
+    "SSH_AUTH_SOCK",
+)
+
+
+NETWORK_OF_MODE: dict[Mode, NetworkAccess] = {
+    "strict": "none",
+    "standard": "local",
+    "permissive": "filtered",
+}
+
+
+def _expand(path: str, home: str) -> str:
+    return home + path[1:] if path.startswith("~") else path
+
+
+def mandatory_deny_write(host: HostPaths) -> tuple[Rule, ...]:
+    origin = Origin(BUILT_IN, "mandatory")
+    home_rc = [f"{host.home}/{name}" for name in SHELL_STARTUP_FILES]
+    ws_rc = [f"{host.workspace}/{name}" for name in SHELL_STARTUP_FILES]
+    ws_protected = [f"{host.workspace}/{name}" for name in WORKSPACE_PROTECTED]
+    settings = [f"{host.config_home}/corral", "/etc/corral"]
+    paths = dict.fromkeys([*home_rc, *ws_rc, *ws_protected, *settings])  # ordered, unique
+    return tuple(Rule(path, origin) for path in paths)
+
+
+def package_cache_dir(host: HostPaths) -> str:
+    """A private cache per workspace, outside it, so that nothing is left in the workspace."""
+    digest = hashlib.sha256(host.workspace.encode()).hexdigest()[:16]
+    return f"{host.cache_home}/corral/workspaces/{digest}"
+
+
+def preset_policy(mode: Mode, host: HostPaths) -> Policy:
+    """The policy of `mode` before any settings file is applied."""
+    origin = Origin(f"preset {mode}")
+    ws = Rule(host.workspace, origin)
+    cache = package_cache_dir(host)
+    if mode == "strict":
+        read = (ws, *(Rule(d, origin) for d in SYSTEM_DIRS))
+        write: tuple[Rule, ...] = (ws,)
+        private_tmp = False
+        package_cache = None
+    elif mode == "standard":
+        read = (Rule("/", origin),)
+        write = (ws, Rule(cache, Origin(BUILT_IN, "package caches")))
+        private_tmp = True
+        package_cache = cache
+    else:
+        read = (Rule("/", origin),)
+        write = (Rule(host.home, origin), ws, Rule(cache, Origin(BUILT_IN, "package caches")))
+        private_tmp = True
+        package_cache = cache
+    deny_origin = Origin(BUILT_IN, "credential stores")
+    filesystem = FilesystemPolicy(
+        read=read,
+        write=write,
+        deny_read=tuple(Rule(_expand(p, host.home), deny_origin) for p in DEFAULT_DENY_READ),
+        deny_write=mandatory_deny_write(host),
+        private_tmp=private_tmp,
+    )
+    network = NetworkPolicy(access=NETWORK_OF_MODE[mode])
+    env = EnvPolicy(deny=tuple(Rule(p, Origin(BUILT_IN, "secret names")) for p in DEFAULT_ENV_DENY))
+    return Policy(
+        mode=mode,
+        host=host,
+        filesystem=filesystem,
+        network=network,
+        env=env,
+        package_cache=package_cache,
+        origins=(("mode", origin), ("network.access", origin)),
+    )
