@@ -1,0 +1,1 @@
+"""The audit trail: events from every layer, and the sinks that keep them."""
