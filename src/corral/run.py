@@ -1,0 +1,101 @@
+"""`corral run` in a terminal: signals forwarded, the exit status passed through unchanged.
+
+Signals: with a new session (stdin not a terminal) the command is not in the terminal's
+foreground group, so Ctrl-C reaches only corral, which forwards SIGINT, SIGQUIT, SIGTERM and
+SIGHUP to the sandboxed process group. With an inherited session (interactive TTY) the
+terminal already delivers Ctrl-C and Ctrl-\\ to the command itself, so corral ignores those two
+and forwards only SIGTERM and SIGHUP.
+
+Breadcrumbs: when stderr is not a terminal (an agent reading a pipe), corral relays the
+command's stderr through itself and, at exit, names the rule behind each denial it saw.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import IO
+
+from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
+from corral.policy.model import Policy
+from corral.sandbox import Sandbox, SandboxProcess
+
+TIMEOUT_STATUS = 124  # what coreutils' timeout(1) returns, so scripts can tell the two apart
+MAX_BREADCRUMBS = 10
+MAX_SCANNED_LINE = 4096  # longer lines are relayed but not scanned
+
+
+def run_in_terminal(
+    policy: Policy, argv: Sequence[str], *, timeout: float | None, quiet: bool
+) -> int:
+    watch = not quiet and not os.isatty(2)
+    proc = Sandbox(policy).spawn(argv, stderr=subprocess.PIPE if watch else None)
+    relay = _StderrRelay(proc, policy) if watch else None
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        proc.send_signal(signum)
+
+    terminal_delivers = (signal.SIGINT, signal.SIGQUIT)
+    for sig in (signal.SIGTERM, signal.SIGHUP, *terminal_delivers):
+        if sig in terminal_delivers and proc.session == "inherit":
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.signal(sig, forward)
+    try:
+        status = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        if not quiet:
+            print(f"corral: killed the sandbox after {timeout:g} s (--timeout)", file=sys.stderr)
+        status = TIMEOUT_STATUS
+    if relay is not None:
+        relay.join()
+        for crumb in relay.breadcrumbs:
+            print(f"corral: blocked {crumb}", file=sys.stderr)
+    return status
+
+
+class _StderrRelay:
+    """Copies the command's stderr to ours as it arrives, scanning lines for denials."""
+
+    def __init__(self, proc: SandboxProcess, policy: Policy) -> None:
+        assert proc.stderr is not None
+        self._source: IO[bytes] = proc.stderr
+        self._proc = proc
+        self._cwd = policy.workspace
+        self._policy = policy
+        self.breadcrumbs: list[Breadcrumb] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending = b""
+        fd = self._source.fileno()
+        while chunk := os.read(fd, 65536):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(2, view) :]
+            pending = (pending + chunk)[-MAX_SCANNED_LINE:]
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._scan(line.decode(errors="replace"))
+        self._scan(pending.decode(errors="replace"))
+
+    def _scan(self, line: str) -> None:
+        if len(self.breadcrumbs) >= MAX_BREADCRUMBS:
+            return
+        for crumb in breadcrumbs_for_line(
+            line, cwd=self._cwd, plan=self._proc.plan, policy=self._policy
+        ):
+            if crumb not in self.breadcrumbs:
+                self.breadcrumbs.append(crumb)
+
+    def join(self) -> None:
+        self._thread.join()
+        self._source.close()
