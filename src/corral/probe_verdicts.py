@@ -31,7 +31,7 @@ INSTALL_BWRAP = (
 
 
 def sysctl_fix(name: str, value: str) -> str:
-    conf = f"/etc/sysctl.d/90-corral-{name.replace('.', '-')}.conf"
+    conf = f"/etc/sysctl.d/90-corral-{name.rsplit('.', 1)[-1]}.conf"
     return (
         f"sudo sysctl -w {name}={value}\n"
         f"to keep it after a reboot: echo '{name} = {value}' | sudo tee {conf}"
