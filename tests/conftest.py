@@ -107,10 +107,15 @@ def layout() -> Iterator[Layout]:
 
 
 def run_script(
-    layout: Layout, script: str, *, sandboxed: bool, mode: Mode = "standard", **env: str
+    layout: Layout,
+    script: str,
+    *,
+    sandboxed: bool,
+    mode: Mode = "standard",
+    env: dict[str, str] | None = None,
 ) -> RunResult:
     """Run a bash script in the workspace, in the sandbox or (for the control case) directly."""
-    full_env = {**layout.env, **env}
+    full_env = {**layout.env, **(env or {})}
     argv = ["bash", "-c", script]
     if sandboxed:
         return layout.sandbox(mode).run(argv, env=full_env, capture_output=True, timeout=60)

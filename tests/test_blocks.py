@@ -91,7 +91,7 @@ def test_no_placeholder_is_left_behind(layout: Layout) -> None:
     subprocess_git_init(layout)
     before = layout.listing()
     for mode in ("strict", "standard", "permissive"):
-        result = run_script(layout, "ls -a >/dev/null; true", sandboxed=True, mode=mode)  # type: ignore[arg-type]
+        result = run_script(layout, "ls -a >/dev/null; true", sandboxed=True, mode=mode)
         assert result.returncode == 0, result.stderr
     assert layout.listing() == before
 
@@ -154,11 +154,13 @@ def test_secret_environment_variables_are_scrubbed(layout: Layout, sandboxed: bo
         layout,
         "env",
         sandboxed=sandboxed,
-        GITHUB_TOKEN=SECRET,
-        AWS_SECRET_ACCESS_KEY=SECRET,
-        MY_API_KEY=SECRET,
-        DB_PASSWORD=SECRET,
-        HARMLESS="visible",
+        env={
+            "GITHUB_TOKEN": SECRET,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "MY_API_KEY": SECRET,
+            "DB_PASSWORD": SECRET,
+            "HARMLESS": "visible",
+        },
     )
     out = (result.stdout or b"").decode()
     assert (SECRET in out) != sandboxed
