@@ -261,6 +261,7 @@ class Counter:
     def __init__(self, **changes: Any) -> None:
         self.calls = 0
         live: dict[str, Any] = dict(probe_mod.read_volatile())
+        live["bwrap_path"] = probe_mod.find_executable("bwrap")
         self.facts = HEALTHY._replace(**live)._replace(**changes)
 
     def __call__(self) -> MachineFacts:
@@ -364,14 +365,28 @@ def test_corrupt_cache_is_ignored_and_rewritten(
     assert gather.calls == 2  # once at first, once for the damaged file, then a hit
 
 
-def test_cache_round_trips_none_and_odd_paths(machine: Path) -> None:
+def test_forged_bwrap_path_misses(machine: Path) -> None:
+    # A cache naming another program as bwrap, with a stamp that matches the real one.
+    gather = Counter(bwrap_path="/home/user/.cache/not-bwrap")
+    probe(cache_dir=str(machine), gather=gather)
+    probe(cache_dir=str(machine), gather=gather)
+    assert gather.calls == 2
+
+
+def test_cache_round_trips_none_and_odd_paths(
+    machine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    odd = tmp_path / "a=b c"
+    odd.mkdir()
+    write_fake_bwrap(odd, "0.9.0")
+    monkeypatch.setenv("PATH", str(odd))
     gather = Counter(
-        bwrap_path="/opt/a:b=c/bwrap",
         bwrap_version=None,
         container=None,
-        cgroup_v2_writable="/sys/fs/cgroup/user.slice/a=b",
+        cgroup_v2_writable="/sys/fs/cgroup/user.slice/a:b=c",
         is_root=True,
     )
+    assert gather.facts.bwrap_path == str(odd / "bwrap")
     probe(cache_dir=str(machine), gather=gather)
     assert probe(cache_dir=str(machine), gather=gather) == gather.facts
     assert gather.calls == 1

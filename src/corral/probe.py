@@ -9,9 +9,10 @@ Rules of the cache:
 1. One file per boot: `<cache_dir>/probe-<boot_id>.txt`. Files of earlier boots are removed.
 2. It is also stale when the bwrap binary changed (path, size, mtime, inode, mode): an upgrade or
    a `chmod u+s` changes what bwrap can do without a reboot.
-3. The sysctls a user is told to change by `corral doctor` are re-read on every hit; when one
-   differs the cache is stale. This keeps a fixed machine from looking broken until the next
-   boot, and keeps a forged cache from lying about them.
+3. The sysctls a user is told to change by `corral doctor` are re-read on every hit, and the
+   cached bwrap path must be the one found on PATH now; when one differs the cache is stale.
+   This keeps a fixed machine from looking broken until the next boot, and keeps a forged
+   cache from lying about them or naming another program as bwrap.
 4. The format is `key=value` lines (no json or re on the launch path). A file that does not parse
    is ignored and rewritten, never an error. Writes are atomic (temporary file, then rename).
 
@@ -286,16 +287,25 @@ def probe(
         return gather()  # nothing to key a cache on: still correct, only slower
     cache_file = os.path.join(cache_dir, f"probe-{boot_id}.txt")
     # Taken before gathering: if bwrap is replaced meanwhile, the next run sees a stale stamp.
-    stamp = encode_stamp(bwrap_stat(find_executable("bwrap")))
+    bwrap = bwrap_stat(find_executable("bwrap"))
+    stamp = encode_stamp(bwrap)
     if not refresh:
         cached = load_cache(read_text(cache_file), boot_id=boot_id, stamp=stamp)
-        if cached is not None and all(
-            getattr(cached, name) == value for name, value in read_volatile().items()
-        ):
+        if cached is not None and still_true(cached, bwrap):
             return cached
     facts = gather()
     store_cache(cache_file, encode_cache(facts, boot_id=boot_id, stamp=stamp))
     return facts
+
+
+def still_true(cached: MachineFacts, bwrap: tuple[str, int, int, int, int]) -> bool:
+    """Whether the cheap-to-read facts in a cache entry match the machine now.
+
+    The bwrap path is checked against the one just found so that a forged cache cannot send
+    `corral run` to another program (rule 3 of the module doc covers the sysctls)."""
+    if cached.bwrap_path != (bwrap[0] or None) or cached.bwrap_setuid != is_setuid(bwrap):
+        return False
+    return all(getattr(cached, name) == value for name, value in read_volatile().items())
 
 
 def read_volatile() -> dict[str, int | None]:
