@@ -20,7 +20,7 @@ HOST = HostPaths(
     cache_home="/home/u/.cache",
     state_home="/home/u/.local/state",
 )
-PATH_DIRS = ["/home/u/.local/bin", "/home/u/bin", "/usr/local/bin", "/usr/bin", "/bin"]
+PATH_DIRS = ["/home/u/tools", "/home/u/bin", "/usr/local/bin", "/usr/bin", "/bin"]
 SETTINGS = Origin("/home/u/ws/.corral/settings.json", "x")
 
 
@@ -50,7 +50,7 @@ def test_clean_presets_have_no_findings(mode: Mode) -> None:
 @pytest.mark.parametrize(
     ("write", "path_dirs"),
     [
-        ("/home/u/bin", PATH_DIRS),  # the PATH directory itself
+        ("/home/u/tools", PATH_DIRS),  # the PATH directory itself
         ("/usr/local", PATH_DIRS),  # a parent of it
         ("/usr/local/bin/tool", PATH_DIRS),  # a program inside it
         ("/opt/tools/bin", ["/opt/tools/bin/"]),  # PATH entries are normalised
@@ -65,7 +65,7 @@ def test_writable_directory_on_path_is_an_error(write: str, path_dirs: list[str]
 
 
 def test_writable_directory_off_path_is_fine() -> None:
-    policy = with_writes(standard(), "/home/u/bin")
+    policy = with_writes(standard(), "/home/u/tools")
     assert check_policy(policy, path_dirs=["/usr/bin"]) == []
 
 
@@ -93,13 +93,11 @@ def test_writable_home_is_a_warning(write: str) -> None:
     assert any("home directory" in f.message for f in findings)
 
 
-def test_permissive_preset_writes_home_and_home_bin_on_path() -> None:
+def test_permissive_preset_protects_home_bin_but_flags_other_path_dirs_in_home() -> None:
     findings = check_policy(preset_policy("permissive", HOST), path_dirs=PATH_DIRS)
     messages = [(f.level, f.message.split(":")[0]) for f in findings]
-    assert messages[:2] == [
-        ("error", "/home/u is writable and /home/u/.local/bin is on $PATH"),
-        ("error", "/home/u is writable and /home/u/bin is on $PATH"),
-    ]
+    # ~/bin and ~/.local/bin are mandatory read-only; a custom ~/tools on $PATH is not.
+    assert messages[:1] == [("error", "/home/u is writable and /home/u/tools is on $PATH")]
     assert ("warning", "/home/u is writable and holds your home directory") in messages
 
 
@@ -226,3 +224,9 @@ def test_format_policy_is_an_aligned_table() -> None:
     assert "general     mode = standard" in text
     assert any(line.startswith("network") and "access = local" in line for line in lines)
     assert text.endswith("\n")
+
+
+def test_a_protected_path_directory_is_not_flagged() -> None:
+    # ~/bin is in the mandatory deny-write list: writable on paper, read-only in the sandbox.
+    policy = with_writes(standard(), "/home/u/bin")
+    assert check_policy(policy, path_dirs=PATH_DIRS) == []

@@ -225,7 +225,7 @@ class Sandbox:
         if self._bwrap is None or self._bwrap_version is None:
             from corral.probe import probe
 
-            facts = probe(cache_dir=f"{self.policy.host.cache_home}/corral")
+            facts = probe(cache_dir=self.policy.host.machine_cache_dir)
             if facts.bwrap_path is None:
                 raise SandboxUnavailable(
                     "bubblewrap (bwrap) is not installed",
@@ -274,8 +274,12 @@ class Sandbox:
             session = "inherit" if interactive else "new"
         if policy.package_cache is not None:
             os.makedirs(policy.package_cache, mode=0o700, exist_ok=True)
+        # corral's own directories exist before the plan is made, so that they are protected
+        # as directories rather than by placeholders.
+        for own in (policy.host.machine_cache_dir, policy.host.state_dir):
+            os.makedirs(own, mode=0o700, exist_ok=True)
         plan = plan_filesystem(policy, gather_disk_facts(policy))
-        journal_dir = f"{policy.host.state_home}/corral/placeholders"
+        journal_dir = f"{policy.host.state_dir}/placeholders"
         sweep_stale(journal_dir)
         status_r, status_w = os.pipe()
         options = BwrapOptions(

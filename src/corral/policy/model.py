@@ -103,6 +103,16 @@ class HostPaths(NamedTuple):
     def project_settings_dir(self) -> str:
         return f"{self.workspace}/.corral"
 
+    @property
+    def machine_cache_dir(self) -> str:
+        """Where the per-boot machine probe is cached (protected from the sandbox)."""
+        return f"{self.cache_home}/corral/machine"
+
+    @property
+    def state_dir(self) -> str:
+        """corral's own records: placeholder journals, the audit log (protected)."""
+        return f"{self.state_home}/corral"
+
 
 class Policy(NamedTuple):
     mode: Mode

@@ -13,7 +13,8 @@ or runs git, so a sandboxed program that could write them would escape on the ne
 
 from __future__ import annotations
 
-import hashlib
+import os.path
+import zlib
 
 from corral.policy.model import (
     BUILT_IN,
@@ -64,6 +65,23 @@ SHELL_STARTUP_FILES = (
     ".zlogin",
 )
 
+# Relative to the home directory: other places that run code on the host later (the user's
+# next login, git command or desktop session), writable in permissive mode otherwise.
+HOME_PROTECTED = (
+    ".gitconfig",
+    ".config/git",
+    ".local/bin",
+    "bin",
+    ".config/systemd",
+    ".config/autostart",
+    ".config/environment.d",
+    ".config/fish",
+    ".pam_environment",
+    ".xprofile",
+    ".xsessionrc",
+    ".ssh",
+)
+
 # Relative to the workspace. `.git/*` is resolved through a `.git` file for worktrees and
 # submodules by the backends; git itself keeps working because only these two are read-only.
 WORKSPACE_PROTECTED = (".envrc", ".git/hooks", ".git/config", ".corral")
@@ -98,18 +116,23 @@ def _expand(path: str, home: str) -> str:
 
 def mandatory_deny_write(host: HostPaths) -> tuple[Rule, ...]:
     origin = Origin(BUILT_IN, "mandatory")
-    home_rc = [f"{host.home}/{name}" for name in SHELL_STARTUP_FILES]
+    home_rc = [f"{host.home}/{name}" for name in (*SHELL_STARTUP_FILES, *HOME_PROTECTED)]
     ws_rc = [f"{host.workspace}/{name}" for name in SHELL_STARTUP_FILES]
     ws_protected = [f"{host.workspace}/{name}" for name in WORKSPACE_PROTECTED]
-    settings = [f"{host.config_home}/corral", "/etc/corral"]
-    paths = dict.fromkeys([*home_rc, *ws_rc, *ws_protected, *settings])  # ordered, unique
+    # corral's own files: settings, the machine probe it trusts, its journals and audit log.
+    own = [f"{host.config_home}/corral", "/etc/corral", host.machine_cache_dir, host.state_dir]
+    paths = dict.fromkeys([*home_rc, *ws_rc, *ws_protected, *own])  # ordered, unique
     return tuple(Rule(path, origin) for path in paths)
 
 
 def package_cache_dir(host: HostPaths) -> str:
-    """A private cache per workspace, outside it, so that nothing is left in the workspace."""
-    digest = hashlib.sha256(host.workspace.encode()).hexdigest()[:16]
-    return f"{host.cache_home}/corral/workspaces/{digest}"
+    """A private cache per workspace, outside it, so that nothing is left in the workspace.
+
+    Named by the workspace's base name and a CRC of its full path: readable in `ls`, and
+    cheaper at start-up than hashlib, whose OpenSSL import costs milliseconds per launch.
+    """
+    name = os.path.basename(host.workspace) or "root"
+    return f"{host.cache_home}/corral/workspaces/{name}-{zlib.crc32(host.workspace.encode()):08x}"
 
 
 def preset_policy(mode: Mode, host: HostPaths) -> Policy:

@@ -1,0 +1,186 @@
+"""The `corral` command: parses arguments and calls the library; nothing else lives here.
+
+corral's own failures print one line (`corral: ...`) and a hint, and exit 2 (the user's input)
+or 3 (this machine); see errors.py. Otherwise `corral run` exits with the command's status,
+128 + N when signal N killed it, exactly as a shell would report it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from corral.errors import CorralError, UnsandboxedRefused
+from corral.policy.model import MODES, Policy
+
+
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=MODES, help="strict, standard (default) or permissive")
+    parser.add_argument(
+        "--allow-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="also allow this domain through the proxy (repeatable)",
+    )
+    parser.add_argument(
+        "--workspace", metavar="DIR", help="the writable project directory (default: current)"
+    )
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse builds a formatter for every argument it adds; the stock one imports shutil
+    to measure the terminal, which costs every `corral run` a few milliseconds."""
+
+    def __init__(self, prog: str) -> None:
+        width = int(os.environ.get("COLUMNS", "") or 0) or 100
+        super().__init__(prog, width=width - 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="Run commands inside a sandbox you draw once.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version="corral 0.1.0")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", prog="corral"
+    )
+
+    run = commands.add_parser("run", help="run a command (and all it starts) inside the sandbox")
+    _add_policy_args(run)
+    run.add_argument(
+        "--unsandboxed",
+        action="store_true",
+        help="run outside the sandbox; refused unless settings set allowUnsandboxedCommands",
+    )
+    run.add_argument("--quiet", action="store_true", help="no notes from corral on stderr")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill the sandbox after this")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+    commands.add_parser("doctor", help="say what works on this machine and how to fix the rest")
+
+    policy = commands.add_parser("policy", help="show, check or describe the effective policy")
+    policy_commands = policy.add_subparsers(
+        dest="policy_command", required=True, metavar="ACTION", prog="corral policy"
+    )
+    show = policy_commands.add_parser("show", help="the effective policy and each rule's origin")
+    _add_policy_args(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    check = policy_commands.add_parser("check", help="validate settings, warn about risky rules")
+    _add_policy_args(check)
+    policy_commands.add_parser("schema", help="print the JSON Schema of the settings files")
+
+    commands.add_parser("demo", help="show four blocked attempts next to an allowed write")
+    return parser
+
+
+def _load_policy(args: argparse.Namespace) -> Policy:
+    from corral.hostpaths import host_paths
+    from corral.policy.settings import load_policy
+
+    host = host_paths(args.workspace or os.getcwd(), os.environ)
+    return load_policy(host, mode=args.mode, allow_domains=args.allow_domain)
+
+
+def _excluded_by(policy: Policy, argv: Sequence[str]) -> str | None:
+    """The excludedCommands entry that matches argv (its words are a prefix of the command)."""
+    words = [os.path.basename(argv[0]), *argv[1:]]
+    for rule in policy.excluded_commands:
+        entry = rule.value.split()
+        if entry and words[: len(entry)] == entry:
+            return f"{rule.value!r} ({rule.origin})"
+    return None
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"corral: {message}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CorralError("no command given", hint="corral run -- COMMAND [ARG...]")
+    policy = _load_policy(args)
+    excluded = _excluded_by(policy, argv)
+    if args.unsandboxed or excluded:
+        if args.unsandboxed and not policy.allow_unsandboxed_commands:
+            raise UnsandboxedRefused(
+                "--unsandboxed is not allowed by the settings",
+                hint='set "allowUnsandboxedCommands": true in a settings file to permit it',
+            )
+        _note(args, f"running {argv[0]} unsandboxed ({excluded or '--unsandboxed'})")
+        os.execvp(argv[0], argv)  # noqa: S606 - the user asked for exactly this command
+
+    from corral.run import run_in_terminal
+
+    return run_in_terminal(policy, argv, timeout=args.timeout, quiet=args.quiet)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from corral.doctor import default_mode_can_run, default_try_sandbox, format_checks, run_checks
+    from corral.hostpaths import host_paths
+    from corral.probe import probe
+
+    host = host_paths(os.getcwd(), os.environ)
+    facts = probe(cache_dir=host.machine_cache_dir, refresh=True)
+    checks = run_checks(facts, try_sandbox=default_try_sandbox)
+    print(format_checks(checks, color=sys.stdout.isatty()))
+    return 0 if default_mode_can_run(checks) else 1
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "schema":
+        from corral.policy.schema import schema_json
+
+        print(schema_json())
+        return 0
+    policy = _load_policy(args)
+    if args.policy_command == "show":
+        from corral.policy.report import format_policy, policy_as_json
+
+        if args.json:
+            import json
+
+            print(json.dumps(policy_as_json(policy), indent=2))
+        else:
+            print(format_policy(policy))
+        return 0
+    from corral.policy.report import check_policy
+
+    findings = check_policy(policy, path_dirs=os.environ.get("PATH", "").split(os.pathsep))
+    for finding in findings:
+        print(f"{finding.level}: {finding.key}: {finding.message} ({finding.origin})")
+    if not findings:
+        print("settings are valid; no risky rules found")
+    return 1 if any(f.level == "error" for f in findings) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from corral.demo import main as demo_main
+
+    return demo_main()
+
+
+HANDLERS = {"run": cmd_run, "doctor": cmd_doctor, "policy": cmd_policy, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
+    except CorralError as exc:
+        print(f"corral: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"corral: hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
