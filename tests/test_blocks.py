@@ -177,3 +177,36 @@ def test_strict_mode_cannot_read_home_or_write_tmp(layout: Layout) -> None:
     out = (result.stdout or b"").decode()
     assert SECRET not in out
     assert "wrote-tmp" not in out
+
+
+def test_strict_mode_has_no_network_at_all(layout: Layout) -> None:
+    # Not even the sandbox's own loopback: socket() itself is refused by the seccomp layer.
+    script = (
+        "python3 -c \"import socket;s=socket.create_server(('127.0.0.1',0));print('listening')\""
+    )
+    strict = run_script(layout, script, sandboxed=True, mode="strict")
+    standard = run_script(layout, script, sandboxed=True, mode="standard")
+    assert b"listening" not in (strict.stdout or b"")
+    assert b"listening" in (standard.stdout or b""), standard.stderr
+
+
+@BOTH
+def test_host_unix_socket_is_unreachable(layout: Layout, sandboxed: bool) -> None:
+    # A host service on a unix socket (docker.sock, an agent socket) is visible in the
+    # read-only filesystem; connecting needs no write access, so only seccomp stops it.
+    path = f"{layout.outside}/service.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    try:
+        script = f"python3 -c \"import socket;socket.socket(socket.AF_UNIX).connect('{path}')\""
+        run_script(layout, script, sandboxed=sandboxed)
+        server.setblocking(False)
+        try:
+            server.accept()[0].close()
+            reached = True
+        except BlockingIOError:
+            reached = False
+    finally:
+        server.close()
+    assert reached != sandboxed

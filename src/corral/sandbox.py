@@ -22,6 +22,7 @@ from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.facts import gather_disk_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
 from corral.backends.placeholders import create_placeholders, remove_placeholders, sweep_stale
+from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
 from corral.errors import LaunchError, SandboxUnavailable, UsageError
 from corral.policy.environment import scrub_environment
 from corral.policy.model import Policy
@@ -205,6 +206,17 @@ class Sandbox:
         self.policy = policy
         self._bwrap = bwrap
         self._bwrap_version: tuple[int, int, int] | None = None
+        self._seccomp_program: bytes | None = None
+
+    def seccomp_program(self) -> bytes:
+        """The seccomp filter for this policy (built once per Sandbox; it is pure)."""
+        if self._seccomp_program is None:
+            network = self.policy.network
+            options = SeccompOptions(
+                network=network.access, allow_unix_sockets=bool(network.allow_unix_sockets)
+            )
+            self._seccomp_program = build_filter(options, arch=host_arch())
+        return self._seccomp_program
 
     @classmethod
     def from_settings(
@@ -282,12 +294,14 @@ class Sandbox:
         journal_dir = f"{policy.host.state_dir}/placeholders"
         sweep_stale(journal_dir)
         status_r, status_w = os.pipe()
+        seccomp_fd = open_program_fd(self.seccomp_program())
         options = BwrapOptions(
             cwd=workdir,
             uid=os.getuid(),
             gid=os.getgid(),
             session=session,
             bwrap_version=version,
+            seccomp_fd=seccomp_fd,
             status_fd=status_w,
         )
         command = bwrap_argv(plan, options, argv, bwrap=bwrap)
@@ -299,7 +313,7 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 env=sandbox_environment(policy, os.environ if env is None else env),
-                pass_fds=(status_w, *pass_fds),
+                pass_fds=(status_w, seccomp_fd, *pass_fds),
                 close_fds=True,
             )
         except OSError as exc:
@@ -309,6 +323,7 @@ class Sandbox:
             raise LaunchError(f"could not start {bwrap}: {exc.strerror}") from exc
         finally:
             os.close(status_w)
+            os.close(seccomp_fd)
         return SandboxProcess(
             popen,
             status_fd=status_r,
