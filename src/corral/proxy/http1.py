@@ -101,6 +101,14 @@ class ForwardRequest:
 
 
 RequestEvent = ConnectRequest | ForwardRequest | Data | EndOfMessage | Rejected | ConnectionClosed
+_EVENT_NAMES: dict[type[RequestEvent], EventName] = {
+    ConnectRequest: "ConnectRequest",
+    ForwardRequest: "ForwardRequest",
+    Data: "Data",
+    EndOfMessage: "EndOfMessage",
+    Rejected: "Rejected",
+    ConnectionClosed: "ConnectionClosed",
+}
 
 
 class RequestParser:
@@ -140,7 +148,7 @@ class RequestParser:
             event = Rejected(exc.status, exc.reason)
         if isinstance(event, NeedData):
             return event
-        self.state = TRANSITIONS[self.state][type(event).__name__]  # type: ignore[index]
+        self.state = TRANSITIONS[self.state][_EVENT_NAMES[type(event)]]
         return event
 
     def _read_head(self) -> ConnectRequest | ForwardRequest | ConnectionClosed | NeedData:
