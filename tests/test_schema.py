@@ -45,6 +45,18 @@ GOOD: list[object] = [
     {"network": {"httpProxyPort": 8080.0}},  # JSON Schema counts 8080.0 as an integer
     {"filesystem": {"allowedPaths": []}},
     {"env": {"deny": ["a\nb"]}},
+    {
+        "limits": {
+            "timeoutSeconds": 0.5,
+            "cpuSeconds": 60,
+            "memoryBytes": 268435456,
+            "processes": 2,
+            "openFiles": 64,
+            "fileSizeBytes": 1,
+            "outputBytes": 1048576,
+        }
+    },
+    {"limits": {"timeoutSeconds": 604800, "processes": 64.0, "memoryBytes": 2**53}},
 ]
 
 # (data, key path, the start of the reason)
@@ -105,6 +117,22 @@ BAD: list[tuple[object, str, str]] = [
     ({"allowUnsandboxedCommands": "false"}, "allowUnsandboxedCommands", "expected a boolean"),
     ({"excludedCommands": [None]}, "excludedCommands[0]", "expected a string, found null"),
     ({"$schema": 3}, "$schema", "expected a string"),
+    (
+        {"limits": {"timeoutSeconds": 0}},
+        "limits.timeoutSeconds",
+        "expected a number above 0 and at most 604800, found the number 0",
+    ),
+    ({"limits": {"timeoutSeconds": -1.5}}, "limits.timeoutSeconds", "expected a number above 0"),
+    ({"limits": {"timeoutSeconds": 1e9}}, "limits.timeoutSeconds", "expected a number above 0"),
+    ({"limits": {"timeoutSeconds": "10"}}, "limits.timeoutSeconds", "expected a number, found"),
+    ({"limits": {"processes": 1}}, "limits.processes", "expected an integer from 2 to"),
+    ({"limits": {"cpuSeconds": 0}}, "limits.cpuSeconds", "expected an integer from 1 to"),
+    ({"limits": {"memoryBytes": 2**53 + 1}}, "limits.memoryBytes", "expected an integer from"),
+    ({"limits": {"memoryBytes": 1.5}}, "limits.memoryBytes", "expected an integer, found"),
+    ({"limits": {"openFiles": "64"}}, "limits.openFiles", "expected an integer, found the"),
+    ({"limits": {"fileSizeBytes": True}}, "limits.fileSizeBytes", "expected an integer, found t"),
+    ({"limits": {"memory": 1}}, "limits", "unknown key: memory; expected one of: cpuSeconds,"),
+    ({"limits": []}, "limits", "expected an object, found an array"),
 ]
 
 # Domain entries are checked beyond the schema, so jsonschema accepts these.
@@ -139,7 +167,7 @@ def _subschemas(schema: object) -> Iterator[dict[str, object]]:
 def test_schema_uses_only_what_the_validator_implements() -> None:
     known = {"$schema", "title", "description", "type", "enum", "minimum", "maximum"}
     known |= {"minLength", "pattern", "properties", "required", "additionalProperties", "items"}
-    known |= {"anyOf"}
+    known |= {"anyOf", "exclusiveMinimum"}
     for sub in _subschemas(SETTINGS_SCHEMA):
         if "type" in sub or "anyOf" in sub or "enum" in sub:
             assert set(sub) <= known, sorted(set(sub) - known)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from corral.errors import SettingsError, UsageError
-from corral.policy.model import CLI, HostPaths, Origin, Policy, Rule
-from corral.policy.presets import mandatory_deny_write, preset_policy
+from corral.policy.model import CLI, HostPaths, Limits, Origin, Policy, Rule
+from corral.policy.presets import LIMITS_OF_MODE, mandatory_deny_write, preset_policy
 from corral.policy.settings import (
     MANAGED_SETTINGS,
     SettingsSource,
@@ -89,7 +89,7 @@ BROKEN = [
         '{"filesystem": {"denyRead": [1]}}',
         "{f}: filesystem.denyRead[0]: expected a string, found the number 1",
     ),
-    ('{"mdoe": "strict"}', "{f}: unknown key: mdoe; " + UNKNOWN + ", mode, network"),
+    ('{"mdoe": "strict"}', "{f}: unknown key: mdoe; " + UNKNOWN + ", limits, mode, network"),
     (
         '{"network": {"allowedDomains": ["ok.example", "x.com/path"]}}',
         "{f}: network.allowedDomains[1]: 'x.com/path' has a path; write the host name only",
@@ -347,3 +347,69 @@ def test_mandatory_deny_write_stays(files: Files) -> None:
     files.write(files.project, {"filesystem": {"allowWrite": ["~/.bashrc", ".git/hooks"]}})
     deny_write = files.load().filesystem.deny_write
     assert deny_write[: len(mandatory_deny_write(files.host))] == mandatory_deny_write(files.host)
+
+
+def test_presets_set_limits_with_the_preset_as_origin(files: Files) -> None:
+    policy = files.load()
+    assert policy.limits == LIMITS_OF_MODE["standard"]
+    assert policy.origin_of("limits.processes") == Origin("preset standard")
+    assert policy.origin_of("limits.timeoutSeconds") is None  # no timeout by default
+    assert files.load(mode="strict").limits == LIMITS_OF_MODE["strict"]
+
+
+def test_every_limit_key_reaches_the_policy(files: Files) -> None:
+    limits = {
+        "timeoutSeconds": 30,
+        "cpuSeconds": 60.0,
+        "memoryBytes": 268435456,
+        "processes": 64,
+        "openFiles": 128,
+        "fileSizeBytes": 1048576,
+        "outputBytes": 4096,
+    }
+    project = files.write(files.project, {"limits": limits})
+    policy = files.load()
+    assert policy.limits == Limits(30.0, 60, 268435456, 64, 128, 1048576, 4096)
+    assert type(policy.limits.cpu_seconds) is int
+    assert type(policy.limits.timeout_seconds) is float
+    assert policy.origin_of("limits.openFiles") == Origin(project, "limits.openFiles")
+
+
+def test_limits_later_file_wins_and_may_loosen_the_preset(files: Files) -> None:
+    files.write(files.user, {"limits": {"processes": 100, "openFiles": 256}})
+    local = files.write(files.local, {"limits": {"processes": 100000}})
+    policy = files.load()
+    assert policy.limits.processes == 100000
+    assert policy.limits.open_files == 256
+    assert policy.origin_of("limits.processes") == Origin(local, "limits.processes")
+
+
+@pytest.mark.parametrize(
+    ("lower", "expected", "winner"),
+    [
+        (None, 512, "managed"),  # the managed value stands
+        (4096, 512, "managed"),  # a lower file may not raise it
+        (512, 512, "managed"),
+        (100, 100, "project"),  # but may tighten it
+    ],
+)
+def test_managed_limits_can_only_be_tightened(
+    files: Files, lower: int | None, expected: int, winner: str
+) -> None:
+    paths = {
+        "managed": files.write(files.managed, {"limits": {"processes": 512}}),
+        "project": files.write(
+            files.project, {"limits": {"processes": lower} if lower else {"openFiles": 64}}
+        ),
+    }
+    policy = files.load()
+    assert policy.limits.processes == expected
+    assert policy.origin_of("limits.processes") == Origin(paths[winner], "limits.processes")
+
+
+def test_managed_limit_may_loosen_the_preset(files: Files) -> None:
+    files.write(files.managed, {"limits": {"memoryBytes": 64 << 30, "timeoutSeconds": 600}})
+    files.write(files.user, {"limits": {"timeoutSeconds": 900}})
+    limits = files.load().limits
+    assert limits.memory_bytes == 64 << 30
+    assert limits.timeout_seconds == 600

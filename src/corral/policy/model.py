@@ -114,6 +114,43 @@ class HostPaths(NamedTuple):
         return f"{self.state_home}/corral"
 
 
+class Limits(NamedTuple):
+    """Resource limits of one sandbox. None: no limit of that kind.
+
+    Most are per process (what rlimits can express): a program that forks gets the same
+    allowance again in each child, and `processes` bounds how many children there can be.
+    Where a delegated cgroup v2 is used, `processes` and `memory_bytes` also bound the
+    sandbox as a whole. `backends/limits.py` says which mechanism enforces which limit.
+    """
+
+    timeout_seconds: float | None = None
+    """Wall-clock time, after which the whole sandbox is killed."""
+    cpu_seconds: int | None = None
+    """CPU time of each process."""
+    memory_bytes: int | None = None
+    """Private writable memory (heap, anonymous mappings) of each process."""
+    processes: int | None = None
+    """Processes and threads in the sandbox, counting its pid 1."""
+    open_files: int | None = None
+    """Open file descriptors of each process."""
+    file_size_bytes: int | None = None
+    """The largest file a process may write."""
+    output_bytes: int | None = None
+    """Captured stdout and stderr each, when the caller captures them."""
+
+
+# Settings key under "limits" -> Limits field, in the order `policy show` lists them.
+LIMIT_KEYS: tuple[tuple[str, str], ...] = (
+    ("timeoutSeconds", "timeout_seconds"),
+    ("cpuSeconds", "cpu_seconds"),
+    ("memoryBytes", "memory_bytes"),
+    ("processes", "processes"),
+    ("openFiles", "open_files"),
+    ("fileSizeBytes", "file_size_bytes"),
+    ("outputBytes", "output_bytes"),
+)
+
+
 class Policy(NamedTuple):
     mode: Mode
     host: HostPaths
@@ -126,6 +163,8 @@ class Policy(NamedTuple):
     """A private per-workspace directory for pip, uv, npm and cargo caches (None: no cache)."""
     origins: tuple[tuple[str, Origin], ...] = ()
     """Where each scalar setting came from, as (key path, origin) pairs."""
+    limits: Limits = Limits()
+    """Resource limits; the presets set them (see presets.py), settings may change them."""
 
     @property
     def workspace(self) -> str:

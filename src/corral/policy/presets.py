@@ -18,9 +18,11 @@ import zlib
 
 from corral.policy.model import (
     BUILT_IN,
+    LIMIT_KEYS,
     EnvPolicy,
     FilesystemPolicy,
     HostPaths,
+    Limits,
     Mode,
     NetworkAccess,
     NetworkPolicy,
@@ -103,6 +105,53 @@ DEFAULT_ENV_DENY = (
 )
 
 
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Resource limits of each mode. The aim is that a fork bomb or a runaway allocation cannot
+# take the machine down, while builds, test suites and language servers never notice:
+# - processes (processes and threads together, as the kernel counts them): 2048 in standard
+#   covers a parallel build on a large machine (make -j64 with compiler subprocesses, a JVM
+#   build daemon with hundreds of threads), yet stays far below pid_max (32768 by default),
+#   so a fork bomb neither exhausts pids nor the memory of thousands of shells.
+# - memory (per process, private writable memory): 8 GiB in standard, fixed rather than a
+#   fraction of RAM, so that the policy is the same data on every machine and `corral policy
+#   show` prints what is enforced. A runaway allocation fails with ENOMEM at 8 GiB, which a
+#   developer machine survives; a smaller machine should lower limits.memoryBytes.
+# - open files: the hard limit only (the soft limit a program starts with is kept as
+#   inherited, usually 1024); 65536 is what file watchers and large builds ask for.
+# - file size: 16 GiB stops a runaway log from filling the disk in one file, and leaves
+#   room for model shards and disk images.
+# - output: 64 MiB of captured stdout (and of stderr), held in the caller's memory.
+# - no timeout and, outside strict, no CPU-time limit: an interactive shell, a dev server or
+#   a long test run are legitimate, and only the caller knows how long its command may take.
+# strict is tighter everywhere; permissive looser, but never unlimited.
+LIMITS_OF_MODE: dict[Mode, Limits] = {
+    "strict": Limits(
+        cpu_seconds=3600,
+        memory_bytes=2 * GiB,
+        processes=512,
+        open_files=4096,
+        file_size_bytes=1 * GiB,
+        output_bytes=16 * MiB,
+    ),
+    "standard": Limits(
+        memory_bytes=8 * GiB,
+        processes=2048,
+        open_files=65536,
+        file_size_bytes=16 * GiB,
+        output_bytes=64 * MiB,
+    ),
+    "permissive": Limits(
+        memory_bytes=32 * GiB,
+        processes=8192,
+        open_files=524288,
+        file_size_bytes=256 * GiB,
+        output_bytes=256 * MiB,
+    ),
+}
+
+
 NETWORK_OF_MODE: dict[Mode, NetworkAccess] = {
     "strict": "none",
     "standard": "local",
@@ -172,5 +221,13 @@ def preset_policy(mode: Mode, host: HostPaths) -> Policy:
         network=network,
         env=env,
         package_cache=package_cache,
-        origins=(("mode", origin), ("network.access", origin)),
+        origins=(("mode", origin), ("network.access", origin), *_limit_origins(mode, origin)),
+        limits=LIMITS_OF_MODE[mode],
     )
+
+
+def _limit_origins(mode: Mode, origin: Origin) -> list[tuple[str, Origin]]:
+    limits = LIMITS_OF_MODE[mode]
+    return [
+        (f"limits.{key}", origin) for key, field in LIMIT_KEYS if getattr(limits, field) is not None
+    ]

@@ -4,7 +4,8 @@ The keys are camelCase and named as in Anthropic's sandbox-runtime `.srt-setting
 Claude Code's `sandbox` settings, so that users can copy theirs.
 
 `validate` implements exactly the keywords `SETTINGS_SCHEMA` uses (type, enum, minimum,
-maximum, minLength, pattern, properties, required, additionalProperties: false, items, anyOf)
+exclusiveMinimum, maximum, minLength, pattern, properties, required, additionalProperties:
+false, items, anyOf)
 instead of importing the `jsonschema` library, which costs about 100 ms on every `corral run`.
 The tests check that `jsonschema` and this validator agree. Two liberties keep it cheap:
 - `pattern` is not a regular expression engine (`re` costs 10 ms to import): the validator
@@ -95,6 +96,37 @@ _ENV = _section(
     "Environment variables passed to the sandboxed command.",
 )
 
+# The largest integer every JSON implementation reads exactly (doubles); also far above any
+# limit a machine has.
+MAX_LIMIT = 2**53
+# A week. subprocess waits with poll(), whose millisecond timeout overflows after 24.8 days,
+# and a command meant to run for weeks should have no timeout at all.
+MAX_TIMEOUT_SECONDS = 604800
+
+
+def _count(minimum: int, description: str) -> dict[str, object]:
+    return {"type": "integer", "minimum": minimum, "maximum": MAX_LIMIT, "description": description}
+
+
+_LIMITS = _section(
+    {
+        "timeoutSeconds": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": MAX_TIMEOUT_SECONDS,
+            "description": "Wall-clock seconds, after which the whole sandbox is killed.",
+        },
+        "cpuSeconds": _count(1, "CPU seconds of each process."),
+        "memoryBytes": _count(1, "Private writable memory of each process, in bytes."),
+        # The sandbox's pid 1 counts, so one process could not even start the command.
+        "processes": _count(2, "Processes and threads in the sandbox."),
+        "openFiles": _count(1, "Open file descriptors of each process."),
+        "fileSizeBytes": _count(1, "The largest file a process may write, in bytes."),
+        "outputBytes": _count(1, "Captured stdout and stderr each, in bytes."),
+    },
+    "Resource limits. The managed file's limits can only be tightened by other files.",
+)
+
 SETTINGS_SCHEMA: dict[str, object] = {
     "$schema": SCHEMA_DIALECT,
     "title": "corral settings",
@@ -105,6 +137,7 @@ SETTINGS_SCHEMA: dict[str, object] = {
         "filesystem": _FILESYSTEM,
         "network": _NETWORK,
         "env": _ENV,
+        "limits": _LIMITS,
         "allowUnsandboxedCommands": {"type": "boolean"},
         "excludedCommands": _list(_TEXT, "Commands run outside the sandbox."),
     },
@@ -184,6 +217,12 @@ def _check_range(value: float, low: int, high: int, where: _Where) -> None:
         raise _Invalid(reason, where.key)
 
 
+def _check_above(value: float, low: int, high: int, where: _Where) -> None:
+    if not low < value <= high:
+        reason = f"expected a number above {low} and at most {high}, found {_show(value)}"
+        raise _Invalid(reason, where.key)
+
+
 def _check_scalar(value: object, schema: dict[str, object], where: _Where) -> None:
     if "enum" in schema:
         options = schema["enum"]
@@ -194,6 +233,9 @@ def _check_scalar(value: object, schema: dict[str, object], where: _Where) -> No
     low, high = schema.get("minimum"), schema.get("maximum")
     if isinstance(value, int | float) and isinstance(low, int) and isinstance(high, int):
         _check_range(value, low, high, where)
+    above = schema.get("exclusiveMinimum")
+    if isinstance(value, int | float) and isinstance(above, int) and isinstance(high, int):
+        _check_above(value, above, high, where)
     if isinstance(value, str):
         if len(value) < int(str(schema.get("minLength", 0))):
             raise _Invalid("expected a non-empty string, found an empty one", where.key)

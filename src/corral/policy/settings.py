@@ -27,6 +27,9 @@ Merge rules:
 7. Domains are stored normalised (`domains.parse_pattern`), so `policy show` and the proxy see
    the one spelling that is matched.
 8. Nothing can be removed from the preset: no key removes, so the mandatory deny-write list stays.
+9. Limits (`limits.*`) are scalars too, later file wins over the preset, but the managed file
+   can only be tightened: a lower file's value stands only where it is below the managed one.
+   (The managed file itself may loosen a preset's limit; it is the administrator's.)
 """
 
 from __future__ import annotations
@@ -35,7 +38,17 @@ from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 from corral.errors import SettingsError, UsageError
-from corral.policy.model import CLI, MODES, HostPaths, Mode, Origin, Policy, Rule
+from corral.policy.model import (
+    CLI,
+    LIMIT_KEYS,
+    MODES,
+    HostPaths,
+    Limits,
+    Mode,
+    Origin,
+    Policy,
+    Rule,
+)
 from corral.policy.paths import normalize
 from corral.policy.presets import preset_policy
 from corral.policy.schema import validate
@@ -273,6 +286,40 @@ def _scalar_changes(
     return changes, origins
 
 
+def _limit_value(value: object, field: str) -> float | int:
+    assert isinstance(value, int | float)
+    # JSON Schema lets 64.0 through as an integer; only the timeout is a real number.
+    return float(value) if field == "timeout_seconds" else int(value)
+
+
+def _merge_limits(
+    base: Limits, layers: Sequence[_Layer]
+) -> tuple[Limits, list[tuple[str, Origin]]]:
+    """Rule 9: the limits, and the origin of each value a file set that is in force."""
+    values: dict[str, Any] = base._asdict()
+    origins: list[tuple[str, Origin]] = []
+    for key, field in LIMIT_KEYS:
+        path = f"limits.{key}"
+        lower: tuple[float | int, Origin] | None = None
+        managed: tuple[float | int, Origin] | None = None
+        for layer in layers:
+            value = _get(layer.data, path)
+            if value is None:
+                continue
+            found = (_limit_value(value, field), Origin(layer.source.path, path))
+            if layer.source.kind == "managed":
+                managed = found
+            else:
+                lower = found
+                origins.append((path, found[1]))
+        if managed is not None and (lower is None or managed[0] <= lower[0]):
+            lower = managed
+            origins.append((path, managed[1]))
+        if lower is not None:
+            values[field] = lower[0]
+    return Limits(**values), origins
+
+
 def _rules(lists: _Lists, name: str) -> tuple[Rule, ...]:
     return tuple(lists.get(name, ()))
 
@@ -338,6 +385,7 @@ def load_policy(
     base = preset_policy(chosen, host)
     lists = _merge_lists(layers, allow_domains, host)
     changes, scalar_origins = _scalar_changes(layers)
+    limits, limit_origins = _merge_limits(base.limits, layers)
     policy = _build(base, lists, changes)
     origins = (*base.origins, *mode_origins, *scalar_origins, *_port_origins(lists))
-    return policy._replace(origins=origins)
+    return policy._replace(origins=(*origins, *limit_origins), limits=limits)
