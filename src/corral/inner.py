@@ -1,0 +1,325 @@
+"""The Landlock runner: builds a ruleset through ctypes and restricts the calling process.
+
+Two users, one code path:
+- inside a bubblewrap sandbox, as the launcher run just before the command:
+      python3 -I -S -c <this file's source> --rules FD -- CMD ARGS...
+  It reads the ruleset from FD, restricts itself and execs CMD (see `script_argv`);
+- on the host, for the namespace-free mode: `prepare` runs in corral's process (opens every
+  path, builds the ruleset) and `restrict` runs in the forked child just before exec.
+
+This file is self-contained on purpose (the standard library only, ctypes imported when a
+ruleset is built): it runs from its source text, so it needs neither corral's package on the
+sandbox's sys.path nor the cost of importing it (corral's package imports `typing`). What the
+rules say is decided by the pure planner in `corral.backends.landlock`; this file only follows
+a ruleset already reduced to numbers and paths.
+
+The wire format is NUL-separated fields (paths cannot contain NUL, so no quoting exists):
+    corral-landlock-1 \\0 HANDLED_FS \\0 HANDLED_NET \\0 SCOPED \\0
+    then any number of:  path \\0 ACCESS \\0 PATH \\0   or   port \\0 ACCESS \\0 PORT \\0
+Numbers are decimal. Anything else is refused: a launcher that cannot read its rules must not
+run the command.
+
+Exit statuses of the launcher itself (never the command's): 125 when the rules cannot be
+read or applied, 126 when CMD cannot be executed, 127 when CMD is not found (as a shell says).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy reads the name
+if TYPE_CHECKING:
+    import ctypes
+
+MAGIC = b"corral-landlock-1"
+
+# landlock_create_ruleset, landlock_add_rule, landlock_restrict_self: 444-446 on every
+# architecture since the syscall table unification (Linux 5.1), except alpha (+110).
+SYSCALL_BASE = 554 if os.uname().machine == "alpha" else 444
+LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_RULE_NET_PORT = 2
+PR_SET_NO_NEW_PRIVS = 38
+
+# Rights a rule on a non-directory may carry; the kernel refuses the others with EINVAL.
+ACCESS_FILE = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)
+
+EXIT_LAUNCHER = 125
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+# (handled_fs, handled_net, scoped, path rules, port rules)
+RawRuleset = tuple[int, int, int, tuple[tuple[int, str], ...], tuple[tuple[int, int], ...]]
+
+
+def encode_ruleset(ruleset: RawRuleset) -> bytes:
+    handled_fs, handled_net, scoped, paths, ports = ruleset
+    fields = [MAGIC, b"%d" % handled_fs, b"%d" % handled_net, b"%d" % scoped]
+    for access, path in paths:
+        raw = os.fsencode(path)
+        if b"\0" in raw:
+            raise ValueError(f"a path with a NUL byte cannot be a rule: {path!r}")
+        fields += [b"path", b"%d" % access, raw]
+    for access, port in ports:
+        fields += [b"port", b"%d" % access, b"%d" % port]
+    return b"\0".join(fields) + b"\0"
+
+
+def decode_ruleset(data: bytes) -> RawRuleset:
+    """The ruleset `encode_ruleset` wrote; ValueError for anything else."""
+    if not data.endswith(b"\0"):
+        raise ValueError("truncated rules")
+    fields = data[:-1].split(b"\0")
+    if len(fields) < 4 or fields[0] != MAGIC:
+        raise ValueError("not corral's Landlock rules")
+    handled_fs, handled_net, scoped = (_number(f) for f in fields[1:4])
+    rest = fields[4:]
+    if len(rest) % 3:
+        raise ValueError("a rule is incomplete")
+    paths: list[tuple[int, str]] = []
+    ports: list[tuple[int, int]] = []
+    for at in range(0, len(rest), 3):
+        kind, access, target = rest[at : at + 3]
+        if kind == b"path" and target.startswith(b"/"):
+            paths.append((_number(access), os.fsdecode(target)))
+        elif kind == b"port":
+            ports.append((_number(access), _number(target)))
+        else:
+            raise ValueError(f"unknown rule {kind!r}")
+    return handled_fs, handled_net, scoped, tuple(paths), tuple(ports)
+
+
+def _number(field: bytes) -> int:
+    if not field.isdigit():
+        raise ValueError(f"not a number: {field!r}")
+    return int(field)
+
+
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, sys.byteorder)
+
+
+def ruleset_attr(handled_fs: int, handled_net: int, scoped: int) -> bytes:
+    """struct landlock_ruleset_attr, only as long as the fields in use: an older kernel knows
+    only the first field (ABI 1-3) or two (ABI 4-5) and refuses a longer non-zero struct."""
+    if scoped:
+        return _u64(handled_fs) + _u64(handled_net) + _u64(scoped)
+    if handled_net:
+        return _u64(handled_fs) + _u64(handled_net)
+    return _u64(handled_fs)
+
+
+class Prepared:
+    """A built ruleset, ready to be applied by `restrict` (after fork, before exec).
+
+    Holds the ruleset fd (close-on-exec, as the kernel always makes it) and the libc entry
+    points, so `restrict` only makes two system calls. `skipped` lists the paths that could not
+    be opened (missing, a symlink, no permission): their rules are absent, which only ever
+    means less access.
+    """
+
+    def __init__(self, ruleset_fd: int, skipped: tuple[str, ...], libc: ctypes.CDLL) -> None:
+        self.ruleset_fd = ruleset_fd
+        self.skipped = skipped
+        self._libc = libc
+
+    def restrict(self) -> None:
+        """no_new_privs, then landlock_restrict_self. Raises OSError; meant for the child."""
+        import ctypes
+
+        libc = self._libc
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise _errno_error("prctl(PR_SET_NO_NEW_PRIVS)")
+        nr = ctypes.c_long(SYSCALL_BASE + 2)
+        fd = ctypes.c_long(self.ruleset_fd)
+        if libc.syscall(nr, fd, ctypes.c_long(0)) != 0:
+            raise _errno_error("landlock_restrict_self")
+
+    def close(self) -> None:
+        if self.ruleset_fd >= 0:
+            os.close(self.ruleset_fd)
+            self.ruleset_fd = -1
+
+
+def _errno_error(what: str) -> OSError:
+    import ctypes
+
+    number = ctypes.get_errno()
+    return OSError(number, f"{what}: {os.strerror(number)}")
+
+
+def _open_beneath(path: str) -> tuple[int, bool] | None:
+    """An O_PATH fd of `path` and whether it is a directory; None when it cannot be a rule.
+
+    O_NOFOLLOW: a rule must land on the path named, never on where a symlink points (a link
+    beside a hidden directory could point into it). A symlink is skipped; its target has, or
+    lacks, its own rule.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    mode = os.fstat(fd).st_mode
+    if (mode & 0o170000) == 0o120000:  # S_IFLNK, without importing stat
+        os.close(fd)
+        return None
+    return fd, (mode & 0o170000) == 0o040000
+
+
+def prepare(ruleset: RawRuleset) -> Prepared:
+    """Create the ruleset and add every rule. Raises OSError (the kernel's errno)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    libc.prctl.restype = ctypes.c_int
+    handled_fs, handled_net, scoped, paths, ports = ruleset
+    attr = ruleset_attr(handled_fs, handled_net, scoped)
+    ctypes.set_errno(0)
+    ruleset_fd = libc.syscall(
+        ctypes.c_long(SYSCALL_BASE), attr, ctypes.c_long(len(attr)), ctypes.c_long(0)
+    )
+    if ruleset_fd < 0:
+        raise _errno_error("landlock_create_ruleset")
+    prepared = Prepared(int(ruleset_fd), (), libc)
+    try:
+        prepared.skipped = _add_path_rules(libc, prepared.ruleset_fd, paths)
+        for access, port in ports:
+            rule = _u64(access) + _u64(port)
+            _add_rule(libc, prepared.ruleset_fd, LANDLOCK_RULE_NET_PORT, rule)
+    except BaseException:
+        prepared.close()
+        raise
+    return prepared
+
+
+def _add_rule(libc: ctypes.CDLL, ruleset_fd: int, kind: int, rule: bytes) -> None:
+    import ctypes
+
+    args = (SYSCALL_BASE + 1, ruleset_fd, kind)
+    if libc.syscall(*map(ctypes.c_long, args), rule, ctypes.c_long(0)) != 0:
+        raise _errno_error("landlock_add_rule")
+
+
+def _add_path_rules(
+    libc: ctypes.CDLL, ruleset_fd: int, paths: tuple[tuple[int, str], ...]
+) -> tuple[str, ...]:
+    skipped: list[str] = []
+    for access, path in paths:
+        opened = _open_beneath(path)
+        if opened is None:
+            skipped.append(path)
+            continue
+        fd, is_dir = opened
+        try:
+            allowed = access if is_dir else access & ACCESS_FILE
+            if allowed:
+                # struct landlock_path_beneath_attr is packed: u64 access, s32 fd.
+                rule = _u64(allowed) + fd.to_bytes(4, sys.byteorder, signed=True)
+                _add_rule(libc, ruleset_fd, LANDLOCK_RULE_PATH_BENEATH, rule)
+        finally:
+            os.close(fd)
+    return tuple(skipped)
+
+
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_LAST_CAP = "/proc/sys/kernel/cap_last_cap"
+
+
+class CapabilityDrop:
+    """Drops every capability for good: bounding set, ambient, effective, permitted, inherited.
+
+    For the namespace-free mode, where nothing else drops them (bubblewrap does inside its
+    sandbox). Root keeps uid 0 but loses what makes it root: CAP_MKNOD alone would let it make
+    a disk's device node in a writable directory, which Landlock would then allow to open.
+    Built in the parent; calling it in the child makes only prctl and capset calls.
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+        self._libc.prctl.restype = ctypes.c_int
+        with open(CAP_LAST_CAP, encoding="ascii") as f:
+            self._last_cap = int(f.read())
+        self._effective = _effective_capabilities()
+        version = LINUX_CAPABILITY_VERSION_3.to_bytes(4, sys.byteorder)
+        self._header = ctypes.create_string_buffer(version + bytes(4), 8)  # pid 0: this thread
+        self._data = ctypes.create_string_buffer(24)  # two zeroed __user_cap_data_struct
+
+    def __call__(self) -> None:
+        libc = self._libc
+        if self._effective:
+            # Needs CAP_SETPCAP, so before the capset below. Without any capability there is
+            # nothing to drop: no_new_privs already stops file capabilities at exec.
+            for cap in range(self._last_cap + 1):
+                if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                    raise _errno_error("prctl(PR_CAPBSET_DROP)")
+        if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+            raise _errno_error("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+        if libc.capset(self._header, self._data) != 0:
+            raise _errno_error("capset")
+
+
+def _effective_capabilities() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def script_source() -> str:
+    """This file's text, for `python3 -I -S -c`: read once per process by the caller."""
+    with open(__file__, encoding="utf-8") as f:
+        return f.read()
+
+
+def script_argv(python: str, source: str, rules_fd: int, command: list[str]) -> list[str]:
+    """The command line that applies the rules in `rules_fd` and then execs `command`.
+
+    `python` must be visible inside the sandbox: pass the resolved interpreter
+    (os.path.realpath(sys.executable)), not a virtual environment's link to it.
+    """
+    return [python, "-I", "-S", "-c", source, "--rules", str(rules_fd), "--", *command]
+
+
+def read_rules_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def main(argv: list[str]) -> int:
+    """`--rules FD -- CMD...`: apply the rules read from FD, then exec CMD (no return)."""
+    if len(argv) < 4 or argv[0] != "--rules" or argv[2] != "--" or not argv[1].isdigit():
+        sys.stderr.write("corral-inner: usage: --rules FD -- CMD [ARGS...]\n")
+        return EXIT_LAUNCHER
+    fd, command = int(argv[1]), argv[3:]
+    try:
+        ruleset = decode_ruleset(read_rules_fd(fd))
+        os.close(fd)
+        prepared = prepare(ruleset)
+        prepared.restrict()
+        prepared.close()
+    except (OSError, ValueError) as failure:
+        sys.stderr.write(f"corral-inner: Landlock not applied, command not run: {failure}\n")
+        return EXIT_LAUNCHER
+    try:
+        os.execvp(command[0], command)  # noqa: S606 - running the command is the point
+    except FileNotFoundError:
+        sys.stderr.write(f"corral-inner: {command[0]}: command not found\n")
+        return EXIT_NOT_FOUND
+    except OSError as failure:
+        sys.stderr.write(f"corral-inner: {command[0]}: {failure.strerror}\n")
+        return EXIT_CANNOT_EXECUTE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
