@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.audit import db
+from corral.audit import db, store
+from corral.audit.encode import row_of
 from corral.audit.events import (
     Event,
     FanOutSink,
@@ -19,7 +20,7 @@ from corral.audit.events import (
     violation_event,
 )
 from corral.audit.query import AuditReader
-from corral.audit.store import AuditLog, default_audit_path, row_of
+from corral.audit.store import AuditLog, default_audit_path
 from corral.errors import CorralError
 from corral.policy.model import HostPaths
 
@@ -182,3 +183,36 @@ def test_fan_out_sends_to_every_sink() -> None:
     sink.emit(network_event("s", host="h", port=1, decision="allow"))
     sink.close()
     assert len(a.events) == len(b.events) == 1
+
+
+@pytest.mark.parametrize(
+    ("count", "sizes"),
+    [(0, []), (1, [1]), (5, [4, 1]), (1024, [1024]), (1027, [1024, 2, 1]),
+     (3000, [1024, 1024, 512, 256, 128, 32, 16, 8])],
+)  # fmt: skip
+def test_batches_are_written_as_few_multi_row_statements(count: int, sizes: list[int]) -> None:
+    assert store._chunk_sizes(count) == sizes
+    assert sum(sizes) == count
+
+
+def test_a_large_burst_is_stored_whole_and_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    count = store.MAX_BATCH_EVENTS * 2 + store.CHUNK_ROWS + 7
+    with AuditLog(str(path)) as log:
+        for i in range(count):
+            log.emit(network_event("s", host="h", port=1, decision="allow", bytes_up=i))
+    stored = [n for (n,) in rows(path, "SELECT bytes_up FROM network_events ORDER BY id")]
+    assert stored == list(range(count))
+
+
+def test_the_queue_stays_bounded_and_nothing_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "MAX_QUEUED_EVENTS", 40)
+    monkeypatch.setattr(store, "MAX_BATCH_EVENTS", 8)
+    path = tmp_path / "audit.db"
+    with AuditLog(str(path)) as log:
+        for i in range(2000):
+            log.emit(network_event("s", host="h", port=1, decision="allow", bytes_up=i))
+            assert log._queue.qsize() <= 40
+    assert rows(path, "SELECT count(*) FROM network_events") == [(2000,)]

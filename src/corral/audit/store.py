@@ -10,8 +10,8 @@ Model:
    queued before the marker has committed. That is what "acknowledged" means: `flush()` (or
    `emit_sync()`) has returned. An emitted event that was never acknowledged may be lost if
    the process dies; an acknowledged one is not (durability: see db.py).
-4. Past MAX_QUEUED_EVENTS waiting rows, `emit` waits for the writer: an audit log slows its
-   producer down rather than dropping records.
+4. Past MAX_QUEUED_EVENTS waiting rows, `emit` waits for the writer to commit one batch: an
+   audit log slows its producer down rather than dropping records.
 5. A batch that cannot be written (disk full, lock held past the busy timeout and the retries)
    is reported as a CorralError by the next `flush()` or `close()`, never silently.
 
@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable
+from itertools import chain
 from types import TracebackType
 from typing import Final
 
 from corral.audit import migrations
 from corral.audit.db import Durability, audit_error, connect
+from corral.audit.encode import Insert, Params, Row, row_of
 from corral.audit.events import Event
 from corral.errors import CorralError
 from corral.policy.model import HostPaths
@@ -42,6 +43,11 @@ from corral.policy.model import HostPaths
 # inserts, small enough that one batch holds the write lock for milliseconds, so writers in
 # other processes are not starved.
 MAX_BATCH_EVENTS: Final = 4096
+# Rows per multi-row INSERT: 10 columns x 1,024 rows stays well under SQLite's limit of
+# 32,766 parameters per statement (SQLITE_MAX_VARIABLE_NUMBER since 3.32). The rest of a
+# batch goes in power-of-two statements, so only 11 statement texts ever exist per table and
+# sqlite3's statement cache keeps them all prepared.
+CHUNK_ROWS: Final = 1024
 # Backlog at which `emit` waits for the writer: about 20 MB of rows, two seconds of work.
 MAX_QUEUED_EVENTS: Final = 100_000
 # On top of the busy timeout (db.BUSY_TIMEOUT_S each): a lock held longer than this many
@@ -49,30 +55,6 @@ MAX_QUEUED_EVENTS: Final = 100_000
 WRITE_ATTEMPTS: Final = 3
 # How often a waiting flush() checks that the writer thread is still alive.
 FLUSH_LIVENESS_CHECK_S: Final = 1.0
-
-_SESSION_START = """INSERT INTO sessions
-    (id, argv, cwd, policy_digest, mode, backend, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (id) DO UPDATE SET argv = excluded.argv, cwd = excluded.cwd,
-    policy_digest = excluded.policy_digest, mode = excluded.mode, backend = excluded.backend,
-    started_at = excluded.started_at"""
-# The end may be written before the start (two processes, two batches): both are upserts of
-# disjoint columns, so the order does not matter.
-_SESSION_END = """INSERT INTO sessions (id, ended_at, exit_status, resource_usage)
-    VALUES (?, ?, ?, ?)
-    ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at,
-    exit_status = excluded.exit_status, resource_usage = excluded.resource_usage"""
-_NETWORK = """INSERT INTO network_events
-    (time, session_id, host, port, decision, rule, reason, bytes_up, bytes_down, duration)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
-_VIOLATION = """INSERT INTO violations
-    (time, session_id, pid, executable, operation, path, rule, ignored)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)"""
-_BRIDGE = """INSERT INTO bridge_requests
-    (time, session_id, request_id, command, params, decision, decided_by)
-    VALUES (?, ?, ?, ?, ?, ?, ?)"""
-
-Params = tuple[object, ...]
-Row = tuple[str, Params]
 
 
 def default_audit_path(host: HostPaths) -> str:
@@ -109,6 +91,7 @@ class AuditLog:
         self._close_lock = threading.Lock()
         self._failure: CorralError | None = None
         self._lost = 0
+        self._drained = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="corral-audit-writer", daemon=True)
         self._thread.start()
         # The writer is a daemon thread (it must never keep a process alive); commit what is
@@ -123,7 +106,7 @@ class AuditLog:
             raise CorralError(f"audit log {self.path} is closed", hint="open a new AuditLog")
         self._queue.put(row_of(event))
         if self._queue.qsize() > MAX_QUEUED_EVENTS:
-            self.flush()
+            self._wait_for_room()
 
     def close(self) -> None:
         """Commits everything emitted, stops the writer, closes the database. Idempotent."""
@@ -158,6 +141,14 @@ class AuditLog:
             if not self._thread.is_alive():
                 raise CorralError(f"audit log {self.path}: the writer thread stopped")
         self._raise_failure()
+
+    def _wait_for_room(self) -> None:
+        # Wait for the writer to take about one batch, not for the whole backlog: the
+        # producer is held up for one commit at a time.
+        room = MAX_QUEUED_EVENTS - MAX_BATCH_EVENTS
+        with self._drained:
+            while self._queue.qsize() > room and self._thread.is_alive():
+                self._drained.wait(FLUSH_LIVENESS_CHECK_S)
 
     def __enter__(self) -> AuditLog:
         return self
@@ -195,15 +186,17 @@ class AuditLog:
                     break
             if batch:
                 self._write(batch)
+                with self._drained:
+                    self._drained.notify_all()
             for marker in markers:
                 marker.done.set()
             if stop:
                 return
 
     def _write(self, batch: list[Row]) -> None:
-        grouped: dict[str, list[Params]] = {}
-        for sql, params in batch:
-            grouped.setdefault(sql, []).append(params)
+        grouped: dict[Insert, list[Params]] = {}
+        for insert, params in batch:
+            grouped.setdefault(insert, []).append(params)
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 self._commit(grouped)
@@ -229,12 +222,16 @@ class AuditLog:
                 )
                 return
 
-    def _commit(self, grouped: dict[str, list[Params]]) -> None:
+    def _commit(self, grouped: dict[Insert, list[Params]]) -> None:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, rows in grouped.items():
-                conn.executemany(sql, rows)
+            for insert, rows in grouped.items():
+                at = 0
+                for size in _chunk_sizes(len(rows)):
+                    params = list(chain.from_iterable(rows[at : at + size]))
+                    conn.execute(insert.sql(size), params)
+                    at += size
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -252,99 +249,9 @@ class AuditLog:
             self.close()
 
 
-def row_of(event: Event) -> Row:
-    """The statement and parameters that store one event. Raises CorralError if malformed."""
-    build = _BUILDERS.get(event.kind)
-    if build is None:
-        raise CorralError(f"audit event of unknown kind {event.kind!r}")
-    try:
-        return build(event, event.fields)
-    except KeyError as exc:
-        raise CorralError(f"malformed {event.kind} audit event: no field {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise CorralError(f"malformed {event.kind} audit event: {exc}") from exc
-
-
-def _session(event: Event, f: dict[str, object]) -> Row:
-    phase = f.get("phase")
-    if phase == "start":
-        argv = json.dumps([str(a) for a in _seq(f.get("argv", ()))])
-        return _SESSION_START, (
-            event.sandbox_id,
-            argv,
-            _text(f.get("cwd")),
-            _text(f.get("policy_digest")),
-            _text(f.get("mode")),
-            _text(f.get("backend")),
-            event.time,
-        )
-    if phase == "end":
-        usage = json.dumps(f.get("resource_usage") or {}, sort_keys=True, default=str)
-        return _SESSION_END, (event.sandbox_id, event.time, _opt_int(f.get("exit_code")), usage)
-    raise ValueError(f"phase must be 'start' or 'end', not {phase!r}")
-
-
-def _network(event: Event, f: dict[str, object]) -> Row:
-    return _NETWORK, (
-        event.time,
-        event.sandbox_id,
-        _text(f["host"]),
-        _opt_int(f.get("port")),
-        _text(f["decision"]),
-        _text(f.get("rule")),
-        _text(f.get("reason")),
-        _int(f.get("bytes_up", 0)),
-        _int(f.get("bytes_down", 0)),
-        float(f.get("duration", 0.0)),  # type: ignore[arg-type]
-    )
-
-
-def _violation(event: Event, f: dict[str, object]) -> Row:
-    return _VIOLATION, (
-        event.time,
-        event.sandbox_id,
-        _opt_int(f.get("pid")),
-        _text(f.get("executable")),
-        _text(f["operation"]),
-        _text(f["path"]),
-        _text(f.get("rule")),
-        1 if f.get("ignored") else 0,
-    )
-
-
-def _bridge(event: Event, f: dict[str, object]) -> Row:
-    return _BRIDGE, (
-        event.time,
-        event.sandbox_id,
-        _text(f["request_id"]),
-        _text(f["command"]),
-        json.dumps(f.get("params") or {}, sort_keys=True, default=str),
-        _text(f["decision"]),
-        _text(f.get("decided_by")),
-    )
-
-
-_BUILDERS: dict[str, Callable[[Event, dict[str, object]], Row]] = {
-    "session": _session,
-    "network": _network,
-    "violation": _violation,
-    "bridge": _bridge,
-}
-
-
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
-
-
-def _int(value: object) -> int:
-    return int(value)  # type: ignore[call-overload, no-any-return]
-
-
-def _opt_int(value: object) -> int | None:
-    return None if value is None else _int(value)
-
-
-def _seq(value: object) -> list[object]:
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
-        raise TypeError(f"argv must be a list of strings, not {type(value).__name__}")
-    return list(value)
+def _chunk_sizes(count: int) -> list[int]:
+    """Row counts per statement: whole chunks, then the binary digits of the remainder."""
+    sizes = [CHUNK_ROWS] * (count // CHUNK_ROWS)
+    rest = count % CHUNK_ROWS
+    sizes += [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
+    return sizes
