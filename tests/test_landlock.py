@@ -7,6 +7,7 @@ bwrap argv with and without `corral.inner` in front of the command.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -41,6 +42,7 @@ from corral.backends.landlock import (
     handled_access_net,
     handled_scope,
     make_rules,
+    memfd_with,
     open_rules_fd,
     rules_for_plan,
 )
@@ -348,40 +350,48 @@ def test_bind_refused_unless_allowed(tree: Path) -> None:
 # --- Inside bubblewrap: corral.inner in front of the command ----------------------------------
 
 
-def run_inner(rules: LandlockRules, command: list[str], **popen: object) -> tuple[int, str]:
-    fd = open_rules_fd(rules)
+SCRIPT = inner.compiled_script()
+PYTHON = os.path.realpath(sys.executable)
+
+
+@contextlib.contextmanager
+def launcher_fds(rules_data: bytes) -> Iterator[tuple[int, int]]:
+    script_fd = memfd_with("corral-inner", SCRIPT)
+    rules_fd = memfd_with("corral-landlock", rules_data)
     try:
-        argv = inner.script_argv(
-            os.path.realpath(sys.executable), inner.script_source(), fd, command
-        )
-        done = subprocess.run(argv, pass_fds=(fd,), capture_output=True, text=True, **popen)  # type: ignore[call-overload]
+        yield script_fd, rules_fd
     finally:
-        os.close(fd)
-    return done.returncode, done.stdout + done.stderr
+        os.close(script_fd)
+        os.close(rules_fd)
+
+
+def run_inner(rules_data: bytes, command: list[str]) -> subprocess.CompletedProcess[str]:
+    with launcher_fds(rules_data) as (script_fd, rules_fd):
+        argv = inner.script_argv(PYTHON, script_fd=script_fd, rules_fd=rules_fd, command=command)
+        return subprocess.run(argv, pass_fds=(script_fd, rules_fd), capture_output=True, text=True)
+
+
+def encoded(rules: LandlockRules) -> bytes:
+    return inner.encode_ruleset(compile_ruleset(rules))
 
 
 @needs_landlock
 def test_inner_applies_the_rules_then_execs(tree: Path) -> None:
     (tree / "other").write_text(SECRET)
-    script = f"cat {tree}/ro/file; cat {tree}/other; echo new > {tree}/rw/new"
-    code, out = run_inner(system_rules(tree), ["bash", "-c", script])
-    assert "original" in out
-    assert SECRET not in out and "Permission denied" in out
+    script = f"cat {tree}/ro/file; cat {tree}/other; echo new > {tree}/rw/new; ls /proc/self/fd"
+    done = run_inner(encoded(system_rules(tree)), ["bash", "-c", script])
+    assert "original" in done.stdout
+    assert SECRET not in done.stdout and "Permission denied" in done.stderr
     assert (tree / "rw" / "new").read_text() == "new\n"
-    assert code == 0  # the last command, the write, succeeded
+    assert done.returncode == 0  # the last command succeeded
+    # The launcher's two fds were closed before the exec: 0-2 and ls's own directory fd only.
+    assert done.stdout.split()[-4:] == ["0", "1", "2", "3"]
 
 
 @needs_landlock
 def test_inner_refuses_to_run_without_readable_rules(tree: Path) -> None:
     marker = tree / "rw" / "ran"
-    read_end, write_end = os.pipe()
-    os.write(write_end, b"corral-landlock-1\x00garbage\x00")
-    os.close(write_end)
-    argv = [sys.executable, "-I", "-S", "-c", inner.script_source(), "--rules", str(read_end)]
-    done = subprocess.run(
-        [*argv, "--", "touch", str(marker)], pass_fds=(read_end,), capture_output=True, text=True
-    )
-    os.close(read_end)
+    done = run_inner(b"corral-landlock-1\x00garbage\x00", ["touch", str(marker)])
     assert done.returncode == inner.EXIT_LAUNCHER
     assert "command not run" in done.stderr
     assert not marker.exists()
@@ -389,8 +399,14 @@ def test_inner_refuses_to_run_without_readable_rules(tree: Path) -> None:
 
 @needs_landlock
 def test_inner_reports_a_missing_command_like_a_shell(tree: Path) -> None:
-    code, out = run_inner(system_rules(tree), ["corral-no-such-command"])
-    assert code == inner.EXIT_NOT_FOUND and "command not found" in out
+    done = run_inner(encoded(system_rules(tree)), ["corral-no-such-command"])
+    assert done.returncode == inner.EXIT_NOT_FOUND and "command not found" in done.stderr
+
+
+def test_compiled_script_is_bytecode_of_this_python() -> None:
+    from importlib.util import MAGIC_NUMBER
+
+    assert SCRIPT.startswith(MAGIC_NUMBER)
 
 
 @needs_landlock
@@ -409,20 +425,29 @@ def test_landlock_inside_bubblewrap_is_a_second_wall(layout: Layout) -> None:
         write_paths=tuple(p for p in full.write_paths if p != layout.workspace)
     )
     for rules, expected in ((narrowed, None), (full, "written\n")):
-        fd = open_rules_fd(rules)
-        python = os.path.realpath(sys.executable)
-        command = inner.script_argv(python, inner.script_source(), fd, script)
-        done = subprocess.run(
-            bwrap_argv(fs_plan, options, command),
-            env=layout.env,
-            pass_fds=(fd,),
-            capture_output=True,
-            text=True,
-        )
-        os.close(fd)
+        with launcher_fds(encoded(rules)) as (script_fd, rules_fd):
+            command = inner.script_argv(
+                PYTHON, script_fd=script_fd, rules_fd=rules_fd, command=script
+            )
+            done = subprocess.run(
+                bwrap_argv(fs_plan, options, command),
+                env=layout.env,
+                pass_fds=(script_fd, rules_fd),
+                capture_output=True,
+                text=True,
+            )
         written = Path(target).read_text() if os.path.exists(target) else None
         assert written == expected, done.stderr
     # Without Landlock the same bwrap argv writes: the refusal above was Landlock's.
     os.unlink(target)
     subprocess.run(bwrap_argv(fs_plan, options, script), env=layout.env, check=True)
     assert Path(target).read_text() == "written\n"
+
+
+def test_open_rules_fd_holds_the_encoded_ruleset() -> None:
+    rules = make_rules(7, read=["/usr"], write=["/w"], connect_ports=(), bind_ports=None)
+    fd = open_rules_fd(rules)
+    try:
+        assert inner.decode_ruleset(inner.read_rules_fd(fd)) == compile_ruleset(rules)
+    finally:
+        os.close(fd)

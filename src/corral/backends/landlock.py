@@ -247,9 +247,15 @@ def open_rules_fd(rules: LandlockRules) -> int:
     it with pass_fds). The launcher reads it to EOF from offset 0."""
     from corral import inner
 
-    fd = os.memfd_create("corral-landlock", os.MFD_CLOEXEC)
+    return memfd_with("corral-landlock", inner.encode_ruleset(compile_ruleset(rules)))
+
+
+def memfd_with(name: str, data: bytes) -> int:
+    """A close-on-exec memfd holding `data`, positioned at 0. For `corral.inner`, the launcher's
+    code goes the same way: memfd_with("corral-inner", inner.compiled_script())."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
-        os.write(fd, inner.encode_ruleset(compile_ruleset(rules)))
+        os.write(fd, data)
         os.lseek(fd, 0, os.SEEK_SET)
     except OSError:
         os.close(fd)

@@ -156,6 +156,11 @@ class NsfreeLauncher:
         from corral import inner
         from corral.backends.seccomp import install  # imported here, never in the child
 
+        if seccomp_program is not None:
+            # install() imports ctypes when called; in the child that would cost each launch
+            # about 9 ms. Imported here it is a lookup there.
+            import ctypes  # noqa: F401
+
         self.rules = rules
         self.enforcement: Enforcement = enforcement(rules)
         self._seccomp = seccomp_program
