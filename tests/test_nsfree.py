@@ -286,6 +286,19 @@ def test_protected_paths_inside_a_writable_dir_cannot_be_written_or_replaced(hos
 
 
 @needs_landlock
+def test_hard_links_cannot_carry_a_denied_file_into_a_writable_dir(host: Host) -> None:
+    """Landlock's rules sit on directories: a second name under a granted one would be
+    readable (and writable). link(2) across directories needs REFER on both sides."""
+    ws, home = host.layout.workspace, host.layout.home
+    links = {f"{ws}/src/key": f"{home}/.ssh/id_rsa", f"{ws}/src/envrc": f"{ws}/.envrc"}
+    script = "; ".join(f"ln {target} {name}" for name, target in links.items())
+    run(host, script, confined=True)
+    assert not any(os.path.exists(name) for name in links)
+    run(host, script, confined=False)
+    assert all(os.path.samefile(name, target) for name, target in links.items())
+
+
+@needs_landlock
 def test_private_tmp_is_writable_and_the_host_tmp_is_not_readable(host: Host) -> None:
     with tempfile.NamedTemporaryFile("w", prefix="corral-host-", dir="/tmp") as other:
         other.write(SECRET)

@@ -24,9 +24,13 @@ Landlock only allows, so "read everything but the deny list" becomes an allow-li
 
 Network (see docs/landlock.md): TCP connect only to the given ports (the proxy's, any host
 ports the policy lists), bind only if the policy allows local binding. Ports, not addresses:
-an allowed port is allowed on every host. UDP, and MPTCP/SCTP streams (Linux >= 6.14 no
-longer counts them as TCP), are not restricted by Landlock; seccomp refuses all inet sockets
-only in "none".
+an allowed port is allowed on every host. Not restricted by Landlock (reproduced on 6.18):
+UDP, MPTCP/SCTP streams (not TCP to Landlock since 6.14), TCP Fast Open's implicit connect
+(sendto with MSG_FASTOPEN), and listen() without bind() on an ephemeral port. seccomp refuses
+all inet sockets only in "none".
+
+Also unrestricted by Landlock: chmod, utimes and xattrs of any file the user owns, hidden or
+protected ones included (it has no right for them).
 """
 
 from __future__ import annotations
