@@ -25,7 +25,7 @@ from typing import NamedTuple
 from corral.audit.events import Sink
 from corral.errors import UsageError
 from corral.policy.model import NetworkPolicy
-from corral.proxy.decision import Ask, DomainRules, MissingSni
+from corral.proxy.decision import TLS_PORTS, Ask, DomainRules, MissingSni
 from corral.proxy.handlers import serve_http, serve_socks
 from corral.proxy.session import Limits, ProxyContext, Resolver, default_resolver
 from corral.proxy.upstream import parse_upstream_proxy
@@ -55,11 +55,13 @@ class ProxyServer:
         ask: Ask | None = None,
         upstream_proxy: str | None = None,
         missing_sni: MissingSni = "refuse",
+        tls_ports: frozenset[int] = TLS_PORTS,
         limits: Limits = Limits(),  # noqa: B008 - an immutable NamedTuple
     ) -> None:
         """`upstream_proxy` defaults to the policy's; `resolver` maps a host name to its
         addresses (getaddrinfo by default); `ask` decides hosts in neither list (see
-        `decision`). SettingsError for a bad domain pattern, UsageError for a bad proxy URL."""
+        `decision`); tunnels to `tls_ports` must carry TLS naming their host.
+        SettingsError for a bad domain pattern, UsageError for a bad proxy URL."""
         rules = DomainRules.from_policy(policy)
         proxy_url = upstream_proxy if upstream_proxy is not None else policy.upstream_proxy
         self._socket_dir = os.path.abspath(socket_dir)
@@ -73,6 +75,7 @@ class ProxyServer:
             upstream_proxy=parse_upstream_proxy(proxy_url) if proxy_url else None,
             missing_sni=missing_sni,
             limits=limits,
+            tls_ports=tls_ports,
         )
         self._listeners: list[tuple[socket.socket, Handler]] = []
         self._thread: threading.Thread | None = None
@@ -122,6 +125,11 @@ class ProxyServer:
             self._thread = None
             self._loop = None
             self._cleanup_dir()
+
+    @property
+    def active_connections(self) -> int:
+        """Client connections being served now (for tests and status displays)."""
+        return len(self._tasks)
 
     def __enter__(self) -> ProxyServer:
         self.start()

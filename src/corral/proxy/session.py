@@ -133,6 +133,7 @@ class ProxyContext:
         upstream_proxy: UpstreamProxy | None,
         missing_sni: MissingSni,
         limits: Limits,
+        tls_ports: frozenset[int] = TLS_PORTS,
     ) -> None:
         self.rules = rules
         self.sink = sink
@@ -142,6 +143,7 @@ class ProxyContext:
         self.upstream_proxy = upstream_proxy
         self.missing_sni = missing_sni
         self.limits = limits
+        self.tls_ports = tls_ports
         self.pool = PipePool()
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="corral-proxy")
         self.tunnels: set[Tunnel] = set()
@@ -236,7 +238,7 @@ async def check_tls(
     """Rule 7 of `decision` for tunnels to TLS ports: read the ClientHello (it may have come
     with the request: `early`) and raise Refused unless its SNI names `host`. Returns every
     byte read, for the upstream."""
-    if port not in TLS_PORTS:
+    if port not in ctx.tls_ports:
         return early
     reader = ClientHelloReader()
     received = bytearray(early)
