@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Protocol
 
-from corral.audit.events import Event, Sink
+from corral.audit.events import Sink, network_event
 from corral.policy.domains import DomainPattern, is_ip_literal, normalize_host
 from corral.policy.model import Origin
 from corral.proxy.decision import (
@@ -100,23 +100,21 @@ class Record:
         self.error = ""
 
     def emit(self, ctx: ProxyContext) -> None:
-        ctx.sink.emit(
-            Event.now(
-                "network",
-                ctx.sandbox_id,
-                host=self.host,
-                port=self.port,
-                protocol=self.protocol,
-                decision="allow" if self.decision.allowed else "deny",
-                rule=self.decision.rule,
-                reason=self.decision.reason,
-                address=self.address,
-                bytes_up=self.bytes_up,
-                bytes_down=self.bytes_down,
-                duration=round(time.monotonic() - self.started, 6),
-                error=self.error,
-            )
+        event = network_event(
+            ctx.sandbox_id,
+            host=self.host,
+            port=self.port,
+            decision="allow" if self.decision.allowed else "deny",
+            rule=self.decision.rule,
+            reason=self.decision.reason,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            duration=round(time.monotonic() - self.started, 6),
         )
+        # Beyond the common fields: how the client asked, where the proxy connected, and what
+        # went wrong after an allowed decision (a JSON Lines sink keeps them).
+        event.fields.update(protocol=self.protocol, address=self.address, error=self.error)
+        ctx.sink.emit(event)
 
 
 class ProxyContext:
