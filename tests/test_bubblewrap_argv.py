@@ -13,7 +13,8 @@ PLAN = FilesystemPlan(
         Mount("tmpfs", "/tmp"),
         Mount("bind", "/w", "/w"),
         Mount("ro-bind", "/w/.git/hooks", "/w/.git/hooks"),
-        Mount("hide-file", "/w/.envrc"),
+        Mount("placeholder", "/w/.envrc"),
+        Mount("hide-file", "/h/.netrc"),
         Mount("hide-dir", "/h/.ssh"),
     ),
     placeholders=("/w/.envrc",),
@@ -50,12 +51,13 @@ MOUNTS = [
     "--bind", "/w", "/w",
     "--ro-bind", "/w/.git/hooks", "/w/.git/hooks",
     "--ro-bind", "/dev/null", "/w/.envrc",
+    "--ro-bind", "/run/empty", "/h/.netrc",
     "--tmpfs", "/h/.ssh", "--remount-ro", "/h/.ssh",
 ]  # fmt: skip
 
 
 def test_new_session_argv() -> None:
-    options = BwrapOptions(cwd="/w", uid=1000, gid=1000, status_fd=5)
+    options = BwrapOptions(cwd="/w", uid=1000, gid=1000, status_fd=5, empty_file="/run/empty")
     argv = bwrap_argv(PLAN, options, ["make", "test"])
     assert argv == [
         *HEAD,

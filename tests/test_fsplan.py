@@ -64,7 +64,7 @@ def test_standard_order_is_root_dev_proc_tmp_then_binds_then_protect_then_hide()
 def test_missing_protected_file_in_workspace_gets_a_placeholder() -> None:
     plan = plan_filesystem(preset_policy("standard", HOST), facts(BASE))
     assert "/home/u/proj/.envrc" in plan.placeholders
-    assert Mount("hide-file", "/home/u/proj/.envrc") in plan.mounts
+    assert Mount("placeholder", "/home/u/proj/.envrc") in plan.mounts
     # Missing and not creatable inside (home is read-only in standard): nothing to do.
     assert "/home/u/.bashrc" not in plan.placeholders
 

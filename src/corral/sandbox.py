@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from typing import IO, NamedTuple
 
@@ -191,6 +192,45 @@ def _json_int(text: bytes, key: bytes) -> int | None:
     return int(digits) if digits.lstrip(b"-").isdigit() else None
 
 
+# Process groups and terminal signals. bwrap has no SIGINT handler: a Ctrl-C that reached it
+# would kill it, and with it the whole sandbox. So bwrap never receives the terminal's signals:
+# - session "new": bwrap gets a process group of its own; the terminal's Ctrl-C reaches only
+#   corral, which forwards it to the sandboxed process group (see SandboxProcess.send_signal).
+# - session "inherit": the command must stay in the terminal's foreground group, so bwrap is
+#   started with SIGINT and SIGQUIT ignored, and a one-line shim restores them to the default
+#   just before exec'ing the command (an ignored signal would otherwise be inherited).
+_RESET_TERMINAL_SIGNALS = (
+    "import os, signal, sys; signal.signal(2, signal.SIG_DFL); signal.signal(3, signal.SIG_DFL);"
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def terminal_shim() -> list[str]:
+    # The interpreter's real path lies under /usr in a Debian-style install, which every mode
+    # can read; -I -S keeps its start-up to the minimum.
+    return [os.path.realpath(sys.executable), "-I", "-S", "-c", _RESET_TERMINAL_SIGNALS]
+
+
+def _ignore_terminal_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+
+def _ensure_empty_file(path: str) -> str:
+    """The empty read-only file shown in place of hidden files (re-made if it is not empty)."""
+    try:
+        st = os.lstat(path)
+        if st.st_size == 0 and (st.st_mode & 0o170777) == 0o100444:
+            return path
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444)
+    os.fchmod(fd, 0o444)
+    os.close(fd)
+    return path
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
@@ -290,6 +330,7 @@ class Sandbox:
         # as directories rather than by placeholders.
         for own in (policy.host.machine_cache_dir, policy.host.state_dir):
             os.makedirs(own, mode=0o700, exist_ok=True)
+        empty_file = _ensure_empty_file(f"{policy.host.state_dir}/empty")
         plan = plan_filesystem(policy, gather_disk_facts(policy))
         journal_dir = f"{policy.host.state_dir}/placeholders"
         sweep_stale(journal_dir)
@@ -303,8 +344,12 @@ class Sandbox:
             bwrap_version=version,
             seccomp_fd=seccomp_fd,
             status_fd=status_w,
+            empty_file=empty_file,
         )
-        command = bwrap_argv(plan, options, argv, bwrap=bwrap)
+        inherit = session == "inherit"
+        command = bwrap_argv(
+            plan, options, [*terminal_shim(), *argv] if inherit else argv, bwrap=bwrap
+        )
         journal = create_placeholders(plan.placeholders, journal_dir=journal_dir)
         try:
             popen = subprocess.Popen(
@@ -315,6 +360,8 @@ class Sandbox:
                 env=sandbox_environment(policy, os.environ if env is None else env),
                 pass_fds=(status_w, seccomp_fd, *pass_fds),
                 close_fds=True,
+                preexec_fn=_ignore_terminal_signals if inherit else None,
+                process_group=None if inherit else 0,
             )
         except OSError as exc:
             os.close(status_r)

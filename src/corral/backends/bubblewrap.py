@@ -38,9 +38,11 @@ class BwrapOptions(NamedTuple):
     hostname: str = "corral"
     extra_binds: tuple[tuple[str, str], ...] = ()
     """(host path, sandbox path) pairs bound read-only last, e.g. the proxy's sockets."""
+    empty_file: str = "/dev/null"
+    """An empty, read-only regular file on the host, shown in place of each hidden file."""
 
 
-def mount_args(mount: Mount) -> list[str]:
+def mount_args(mount: Mount, *, empty_file: str) -> list[str]:
     if mount.kind == "ro-bind":
         return ["--ro-bind", mount.source, mount.dest]
     if mount.kind == "bind":
@@ -54,6 +56,10 @@ def mount_args(mount: Mount) -> list[str]:
     if mount.kind == "hide-dir":
         return ["--tmpfs", mount.dest, "--remount-ro", mount.dest]
     if mount.kind == "hide-file":
+        return ["--ro-bind", empty_file, mount.dest]
+    if mount.kind == "placeholder":
+        # A device node on bwrap's nodev mounts: opening it fails, and git ignores it, so a
+        # placeholder never shows up as an untracked file inside.
         return ["--ro-bind", "/dev/null", mount.dest]
     return ["--symlink", mount.source, mount.dest]
 
@@ -88,7 +94,7 @@ def bwrap_argv(
     if options.session == "new":
         argv.append("--new-session")
     for mount in plan.mounts:
-        argv += mount_args(mount)
+        argv += mount_args(mount, empty_file=options.empty_file)
     for source, dest in options.extra_binds:
         argv += ["--ro-bind", source, dest]
     argv += ["--chdir", options.cwd]

@@ -9,7 +9,8 @@ The order is the security argument, because a later mount hides what an earlier 
 2. `/dev` (minimal) and a fresh `/proc`, then the private `/tmp` if the policy has one
 3. writable binds, parents before children
 4. protected paths (deny-write), read-only over the writable binds
-5. hidden paths (deny-read): an empty read-only tmpfs over a directory, /dev/null over a file
+5. hidden paths (deny-read): an empty read-only tmpfs over a directory, an empty read-only
+   regular file over a file
 So deny beats allow: a hidden path stays hidden even inside a writable or protected one.
 
 Every mount is made at the path's real location (symlinks resolved), so a link cannot smuggle a
@@ -31,7 +32,9 @@ from corral.backends.facts import DiskFacts, PathFact
 from corral.policy.model import Origin, Policy, Rule
 from corral.policy.paths import has_glob, is_within
 
-MountKind = Literal["ro-bind", "bind", "dev", "proc", "tmpfs", "hide-dir", "hide-file", "symlink"]
+MountKind = Literal[
+    "ro-bind", "bind", "dev", "proc", "tmpfs", "hide-dir", "hide-file", "placeholder", "symlink"
+]
 
 
 class Mount(NamedTuple):
@@ -168,7 +171,7 @@ class _Planner:
             self.notes.append(f"{fact.real}: parent missing, not protected ({rule.origin})")
             return
         self.placeholders.append(fact.real)
-        self.mounts.append(Mount("hide-file", fact.real))
+        self.mounts.append(Mount("placeholder", fact.real))
         self.denied.append(Denied(fact.real, access, rule))
 
     def add_protected(self) -> None:

@@ -23,12 +23,11 @@ def create_placeholders(paths: Iterable[str], *, journal_dir: str) -> str | None
         return None
     os.makedirs(journal_dir, mode=0o700, exist_ok=True)
     journal = _journal_path(journal_dir)
-    # The journal is written and synced first, so a kill between the two steps leaves at worst
-    # a journal line for a file that was never made, which the sweep skips.
+    # The journal is written first, so a kill between the two steps leaves at worst a journal
+    # line for a file that was never made, which the sweep skips. No fsync: a killed process
+    # loses nothing from the page cache, and syncing cost 4-8 ms on every launch.
     with open(journal, "w", encoding="utf-8") as f:
         f.write("\n".join(missing) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     for path in missing:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444)
