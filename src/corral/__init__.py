@@ -36,7 +36,7 @@ _WHERE = {
     "Policy": "corral.policy.model",
     "RunResult": "corral.sandbox",
     "Sandbox": "corral.sandbox",
-    "SandboxProcess": "corral.sandbox",
+    "SandboxProcess": "corral.process",
     "host_paths": "corral.hostpaths",
     "load_policy": "corral.policy.settings",
     "preset_policy": "corral.policy.presets",
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
     from corral.policy.model import Policy
     from corral.policy.presets import preset_policy
     from corral.policy.settings import load_policy
-    from corral.sandbox import RunResult, Sandbox, SandboxProcess
+    from corral.process import SandboxProcess
+    from corral.sandbox import RunResult, Sandbox
 
 
 def __getattr__(name: str) -> Any:

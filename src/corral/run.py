@@ -23,7 +23,8 @@ from typing import IO
 
 from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
 from corral.policy.model import Policy
-from corral.sandbox import Sandbox, SandboxProcess
+from corral.process import SandboxProcess
+from corral.sandbox import Sandbox
 
 TIMEOUT_STATUS = 124  # what coreutils' timeout(1) returns, so scripts can tell the two apart
 MAX_BREADCRUMBS = 10
@@ -33,6 +34,8 @@ MAX_SCANNED_LINE = 4096  # longer lines are relayed but not scanned
 def run_in_terminal(
     policy: Policy, argv: Sequence[str], *, timeout: float | None, quiet: bool
 ) -> int:
+    if timeout is None:
+        timeout = policy.limits.timeout_seconds
     watch = not quiet and not os.isatty(2)
     proc = Sandbox(policy).spawn(argv, stderr=subprocess.PIPE if watch else None)
     relay = _StderrRelay(proc, policy) if watch else None

@@ -16,18 +16,28 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, NamedTuple
 
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.facts import gather_disk_facts
-from corral.backends.fsplan import FilesystemPlan, plan_filesystem
+from corral.backends.fsplan import plan_filesystem
+from corral.backends.limits import (
+    RLimit,
+    apply_point,
+    apply_rlimits,
+    launch_rlimits,
+    make_preexec,
+    release_gate,
+)
 from corral.backends.placeholders import create_placeholders, remove_placeholders, sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
 from corral.errors import LaunchError, SandboxUnavailable, UsageError
 from corral.policy.environment import scrub_environment
 from corral.policy.model import Policy
 from corral.policy.paths import is_within
+from corral.probe import MachineFacts, probe
+from corral.process import SandboxProcess
 
 File = int | IO[bytes] | IO[str] | None
 
@@ -39,11 +49,6 @@ class RunResult(NamedTuple):
     stderr: bytes | None
     timed_out: bool
     sandbox_id: str
-
-
-def shell_status(returncode: int) -> int:
-    """subprocess's -N (killed by signal N) becomes the shell's 128 + N."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 def sandbox_environment(policy: Policy, environ: Mapping[str, str]) -> dict[str, str]:
@@ -72,126 +77,6 @@ def sandbox_environment(policy: Policy, environ: Mapping[str, str]) -> dict[str,
     return env
 
 
-class SandboxProcess:
-    """A running sandboxed command, shaped like `subprocess.Popen`."""
-
-    def __init__(
-        self,
-        popen: subprocess.Popen[bytes],
-        *,
-        status_fd: int,
-        session: Session,
-        journal: str | None,
-        plan: FilesystemPlan,
-        sandbox_id: str,
-    ) -> None:
-        self._popen = popen
-        self._status = os.fdopen(status_fd, "rb")
-        self._status_text = b""
-        self.session = session
-        self._journal = journal
-        self.plan = plan
-        self.sandbox_id = sandbox_id
-        self.pid = popen.pid
-        self.stdin = popen.stdin
-        self.stdout = popen.stdout
-        self.stderr = popen.stderr
-        self.returncode: int | None = None
-
-    def _read_status_line(self) -> bytes:
-        line = self._status.readline()
-        self._status_text += line
-        return line
-
-    def _init_pid(self) -> int | None:
-        """Host pid of the sandbox's pid 1, from bwrap's --json-status-fd (read on demand)."""
-        if b"child-pid" not in self._status_text:
-            self._read_status_line()
-        return _json_int(self._status_text, b"child-pid")
-
-    def send_signal(self, sig: int) -> None:
-        """Deliver `sig` to the sandboxed command (bwrap's pid 1 would ignore it)."""
-        if self.returncode is not None:
-            return
-        init = self._init_pid()
-        if init is None:
-            return
-        try:
-            if self.session == "new":
-                # bwrap's --new-session made pid 1 a session and group leader; the command
-                # and its children share that group.
-                os.killpg(init, sig)
-            else:
-                for child in _children(init):
-                    os.kill(child, sig)
-        except ProcessLookupError:
-            pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """Kill the whole sandbox: bwrap dies, its pid 1 follows, and the kernel empties the pid
-        namespace, so no daemon started inside survives."""
-        if self.returncode is None:
-            self._popen.kill()
-
-    def poll(self) -> int | None:
-        if self.returncode is None and self._popen.poll() is not None:
-            self._finish()
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            self._popen.wait(timeout)
-            self._finish()
-        assert self.returncode is not None
-        return self.returncode
-
-    def communicate(
-        self, input: bytes | None = None, timeout: float | None = None
-    ) -> tuple[bytes | None, bytes | None]:
-        out, err = self._popen.communicate(input, timeout)
-        self._finish()
-        return out, err
-
-    def _finish(self) -> None:
-        if self.returncode is not None:
-            return
-        rest = self._status.read()
-        self._status_text += rest
-        self._status.close()
-        if self._journal is not None:
-            remove_placeholders(self._journal)
-            self._journal = None
-        code = _json_int(self._status_text, b"exit-code")
-        bwrap_code = self._popen.returncode
-        if code is None and _json_int(self._status_text, b"child-pid") is None and bwrap_code > 0:
-            self.returncode = shell_status(bwrap_code)
-            raise LaunchError(
-                f"bubblewrap could not start the sandbox (exit {bwrap_code})",
-                hint="its message is above; `corral doctor` checks this machine",
-            )
-        self.returncode = code if code is not None else shell_status(bwrap_code)
-
-    def __enter__(self) -> SandboxProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.returncode is None:
-            self.kill()
-            self.wait()
-
-
-def _json_int(text: bytes, key: bytes) -> int | None:
-    """Read `"key": N` from bwrap's status lines without importing json on the launch path."""
-    at = text.find(b'"' + key + b'"')
-    if at < 0:
-        return None
-    digits = text[text.index(b":", at) + 1 :].lstrip().split(b",")[0].split(b"}")[0].strip()
-    return int(digits) if digits.lstrip(b"-").isdigit() else None
-
-
 # Process groups and terminal signals. bwrap has no SIGINT handler: a Ctrl-C that reached it
 # would kill it, and with it the whole sandbox. So bwrap never receives the terminal's signals:
 # - session "new": bwrap gets a process group of its own; the terminal's Ctrl-C reaches only
@@ -216,6 +101,37 @@ def _ignore_terminal_signals() -> None:
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
 
 
+def _preexec(*, inherit: bool, rlimits: list[RLimit] | None) -> Callable[[], None] | None:
+    """What bwrap's child does before exec: ignore terminal signals (inherited session), and
+    take the rlimits itself where they cannot be set on the sandbox later (setuid bwrap)."""
+    limit = make_preexec(rlimits) if rlimits else None
+    if not inherit:
+        return limit
+
+    def both() -> None:
+        _ignore_terminal_signals()
+        if limit is not None:
+            limit()
+
+    return both
+
+
+def _limit_then_release(proc: SandboxProcess, rlimits: list[RLimit], gate_w: int) -> None:
+    """Set the rlimits on the held sandbox's pid 1, then let bwrap start the command."""
+    try:
+        init = proc.init_pid()
+        if init is None:
+            raise OSError("bubblewrap exited before the sandbox started")
+        apply_rlimits(init, rlimits)
+    except OSError as exc:
+        # Kill first: closing the gate would let bwrap run the command without limits.
+        proc.kill()
+        os.close(gate_w)
+        proc.wait()
+        raise LaunchError(f"could not apply resource limits: {exc}") from exc
+    release_gate(gate_w)
+
+
 def _ensure_empty_file(path: str) -> str:
     """The empty read-only file shown in place of hidden files (re-made if it is not empty)."""
     try:
@@ -231,21 +147,13 @@ def _ensure_empty_file(path: str) -> str:
     return path
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 class Sandbox:
     """Runs commands under one policy. Cheap to create; each command is its own sandbox."""
 
     def __init__(self, policy: Policy, *, bwrap: str | None = None) -> None:
         self.policy = policy
         self._bwrap = bwrap
-        self._bwrap_version: tuple[int, int, int] | None = None
+        self._facts: MachineFacts | None = None
         self._seccomp_program: bytes | None = None
 
     def seccomp_program(self) -> bytes:
@@ -273,19 +181,16 @@ class Sandbox:
         host = host_paths(workspace or os.getcwd(), os.environ)
         return cls(load_policy(host, mode=mode, allow_domains=allow_domains))  # type: ignore[arg-type]
 
-    def _resolve_bwrap(self) -> tuple[str, tuple[int, int, int]]:
-        if self._bwrap is None or self._bwrap_version is None:
-            from corral.probe import probe
-
+    def _machine(self) -> MachineFacts:
+        if self._facts is None:
             facts = probe(cache_dir=self.policy.host.machine_cache_dir)
-            if facts.bwrap_path is None:
+            if facts.bwrap_path is None and self._bwrap is None:
                 raise SandboxUnavailable(
                     "bubblewrap (bwrap) is not installed",
                     hint="install it (Debian/Ubuntu: apt-get install bubblewrap); `corral doctor`",
                 )
-            self._bwrap = self._bwrap or facts.bwrap_path
-            self._bwrap_version = facts.bwrap_version or (0, 0, 0)
-        return self._bwrap, self._bwrap_version
+            self._facts = facts
+        return self._facts
 
     def _check_cwd(self, cwd: str) -> str:
         cwd = os.path.abspath(cwd)
@@ -297,6 +202,18 @@ class Sandbox:
                 hint=f"run from inside the workspace {self.policy.workspace}",
             )
         return cwd
+
+    def _prepare_host(self) -> str:
+        """Create what the plan needs on the host; return the empty file for hidden files."""
+        policy = self.policy
+        if policy.package_cache is not None:
+            os.makedirs(policy.package_cache, mode=0o700, exist_ok=True)
+        # corral's own directories exist before the plan is made, so that they are protected
+        # as directories rather than by placeholders.
+        for own in (policy.host.machine_cache_dir, policy.host.state_dir):
+            os.makedirs(own, mode=0o700, exist_ok=True)
+        sweep_stale(f"{policy.host.state_dir}/placeholders")
+        return _ensure_empty_file(f"{policy.host.state_dir}/empty")
 
     def spawn(
         self,
@@ -318,39 +235,43 @@ class Sandbox:
         if not argv:
             raise UsageError("no command given")
         policy = self.policy
-        bwrap, version = self._resolve_bwrap()
+        facts = self._machine()
         workdir = self._check_cwd(cwd or policy.workspace)
         if session is None:
             stdin_fd = stdin if isinstance(stdin, int) else 0 if stdin is None else None
             interactive = stdin_fd is not None and stdin_fd >= 0 and os.isatty(stdin_fd)
             session = "inherit" if interactive else "new"
-        if policy.package_cache is not None:
-            os.makedirs(policy.package_cache, mode=0o700, exist_ok=True)
-        # corral's own directories exist before the plan is made, so that they are protected
-        # as directories rather than by placeholders.
-        for own in (policy.host.machine_cache_dir, policy.host.state_dir):
-            os.makedirs(own, mode=0o700, exist_ok=True)
-        empty_file = _ensure_empty_file(f"{policy.host.state_dir}/empty")
+        inherit = session == "inherit"
+        empty_file = self._prepare_host()
         plan = plan_filesystem(policy, gather_disk_facts(policy))
-        journal_dir = f"{policy.host.state_dir}/placeholders"
-        sweep_stale(journal_dir)
+        rlimits = launch_rlimits(policy.limits, facts)
+        # Limits go on the sandbox's pid 1 while bwrap waits at --block-fd: set there, the
+        # process limit counts the sandbox's own user namespace only (Linux >= 5.14).
+        held = apply_point(facts) == "sandbox-init"
         status_r, status_w = os.pipe()
+        gate_r, gate_w = os.pipe() if held else (None, None)
         seccomp_fd = open_program_fd(self.seccomp_program())
         options = BwrapOptions(
             cwd=workdir,
             uid=os.getuid(),
             gid=os.getgid(),
             session=session,
-            bwrap_version=version,
+            bwrap_version=facts.bwrap_version or (0, 0, 0),
             seccomp_fd=seccomp_fd,
             status_fd=status_w,
+            block_fd=gate_r,
             empty_file=empty_file,
         )
-        inherit = session == "inherit"
         command = bwrap_argv(
-            plan, options, [*terminal_shim(), *argv] if inherit else argv, bwrap=bwrap
+            plan,
+            options,
+            [*terminal_shim(), *argv] if inherit else argv,
+            bwrap=self._bwrap or facts.bwrap_path or "bwrap",
         )
-        journal = create_placeholders(plan.placeholders, journal_dir=journal_dir)
+        journal = create_placeholders(
+            plan.placeholders, journal_dir=f"{policy.host.state_dir}/placeholders"
+        )
+        child_fds = [status_w, seccomp_fd, *([gate_r] if gate_r is not None else []), *pass_fds]
         try:
             popen = subprocess.Popen(
                 command,
@@ -358,20 +279,23 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 env=sandbox_environment(policy, os.environ if env is None else env),
-                pass_fds=(status_w, seccomp_fd, *pass_fds),
+                pass_fds=child_fds,
                 close_fds=True,
-                preexec_fn=_ignore_terminal_signals if inherit else None,
+                preexec_fn=_preexec(inherit=inherit, rlimits=None if held else rlimits),
                 process_group=None if inherit else 0,
             )
         except OSError as exc:
-            os.close(status_r)
+            for fd in (status_r, gate_w):
+                if fd is not None:
+                    os.close(fd)
             if journal is not None:
                 remove_placeholders(journal)
-            raise LaunchError(f"could not start {bwrap}: {exc.strerror}") from exc
+            raise LaunchError(f"could not start bubblewrap: {exc.strerror}") from exc
         finally:
-            os.close(status_w)
-            os.close(seccomp_fd)
-        return SandboxProcess(
+            for fd in (status_w, seccomp_fd, gate_r):
+                if fd is not None:
+                    os.close(fd)
+        proc = SandboxProcess(
             popen,
             status_fd=status_r,
             session=session,
@@ -379,6 +303,9 @@ class Sandbox:
             plan=plan,
             sandbox_id=f"{os.getpid()}-{popen.pid}",
         )
+        if gate_w is not None:
+            _limit_then_release(proc, rlimits, gate_w)
+        return proc
 
     def run(
         self,
@@ -392,7 +319,10 @@ class Sandbox:
         timeout: float | None = None,
         pass_fds: Sequence[int] = (),
     ) -> RunResult:
-        """Run `argv` to completion. On timeout the whole sandbox is killed (nothing survives)."""
+        """Run `argv` to completion. On timeout (the argument, else the policy's) the whole
+        sandbox is killed: nothing started inside survives it."""
+        if timeout is None:
+            timeout = self.policy.limits.timeout_seconds
         pipe = subprocess.PIPE if capture_output else None
         proc = self.spawn(
             argv,

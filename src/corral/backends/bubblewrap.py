@@ -35,6 +35,8 @@ class BwrapOptions(NamedTuple):
     bwrap_version: tuple[int, int, int] = (0, 8, 0)
     seccomp_fd: int | None = None
     status_fd: int | None = None
+    block_fd: int | None = None
+    """bwrap waits to read this fd before starting the command (resource limits go on first)."""
     hostname: str = "corral"
     extra_binds: tuple[tuple[str, str], ...] = ()
     """(host path, sandbox path) pairs bound read-only last, e.g. the proxy's sockets."""
@@ -102,6 +104,8 @@ def bwrap_argv(
         argv += ["--seccomp", str(options.seccomp_fd)]
     if options.status_fd is not None:
         argv += ["--json-status-fd", str(options.status_fd)]
+    if options.block_fd is not None:
+        argv += ["--block-fd", str(options.block_fd)]
     argv.append("--")
     argv += command
     return argv
