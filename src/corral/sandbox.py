@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, NamedTuple
 
+from corral.audit.events import MemorySink, Sink
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.facts import gather_disk_facts
 from corral.backends.fsplan import plan_filesystem
@@ -33,6 +34,7 @@ from corral.backends.limits import (
 from corral.backends.placeholders import create_placeholders, remove_placeholders, sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
 from corral.errors import LaunchError, SandboxUnavailable, UsageError
+from corral.network import Ask, NetworkService, Resolver, start_network
 from corral.policy.environment import scrub_environment
 from corral.policy.model import Policy
 from corral.policy.paths import is_within
@@ -150,11 +152,48 @@ def _ensure_empty_file(path: str) -> str:
 class Sandbox:
     """Runs commands under one policy. Cheap to create; each command is its own sandbox."""
 
-    def __init__(self, policy: Policy, *, bwrap: str | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        bwrap: str | None = None,
+        sink: Sink | None = None,
+        resolver: Resolver | None = None,
+        ask: Ask | None = None,
+    ) -> None:
+        """`sink` receives audit events (sessions, network decisions); `resolver` maps a host
+        name to addresses for the proxy (tests map test names to loopback servers); `ask`
+        decides hosts in neither domain list ("once", "always" or "deny")."""
         self.policy = policy
+        self.sink: Sink = sink if sink is not None else MemorySink()
         self._bwrap = bwrap
+        self._resolver = resolver
+        self._ask = ask
         self._facts: MachineFacts | None = None
         self._seccomp_program: bytes | None = None
+        self._network: NetworkService | None = None
+        self._network_started = False
+
+    def network(self) -> NetworkService | None:
+        """The proxy shared by this Sandbox's commands, started on first use (None: no proxy)."""
+        if not self._network_started:
+            self._network = start_network(
+                self.policy, sink=self.sink, resolver=self._resolver, ask=self._ask
+            )
+            self._network_started = True
+        return self._network
+
+    def close(self) -> None:
+        """Stop the proxy, if one was started. Commands still running lose their network."""
+        if self._network is not None:
+            self._network.close()
+            self._network = None
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def seccomp_program(self) -> bytes:
         """The seccomp filter for this policy (built once per Sandbox; it is pure)."""
@@ -242,6 +281,11 @@ class Sandbox:
             interactive = stdin_fd is not None and stdin_fd >= 0 and os.isatty(stdin_fd)
             session = "inherit" if interactive else "new"
         inherit = session == "inherit"
+        sandbox_id = os.urandom(6).hex()
+        network = self.network()
+        command_net = network.for_command(sandbox_id) if network is not None else None
+        if command_net is not None:
+            argv = [*command_net.argv_prefix, *argv]
         empty_file = self._prepare_host()
         plan = plan_filesystem(policy, gather_disk_facts(policy))
         rlimits = launch_rlimits(policy.limits, facts)
@@ -272,13 +316,17 @@ class Sandbox:
             plan.placeholders, journal_dir=f"{policy.host.state_dir}/placeholders"
         )
         child_fds = [status_w, seccomp_fd, *([gate_r] if gate_r is not None else []), *pass_fds]
+        child_env = sandbox_environment(policy, os.environ if env is None else env)
+        if command_net is not None:
+            child_fds += command_net.pass_fds
+            child_env.update(command_net.env)
         try:
             popen = subprocess.Popen(
                 command,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                env=sandbox_environment(policy, os.environ if env is None else env),
+                env=child_env,
                 pass_fds=child_fds,
                 close_fds=True,
                 preexec_fn=_preexec(inherit=inherit, rlimits=None if held else rlimits),
@@ -295,13 +343,15 @@ class Sandbox:
             for fd in (status_w, seccomp_fd, gate_r):
                 if fd is not None:
                     os.close(fd)
+            if network is not None and command_net is not None:
+                network.after_spawn(command_net)
         proc = SandboxProcess(
             popen,
             status_fd=status_r,
             session=session,
             journal=journal,
             plan=plan,
-            sandbox_id=f"{os.getpid()}-{popen.pid}",
+            sandbox_id=sandbox_id,
         )
         if gate_w is not None:
             _limit_then_release(proc, rlimits, gate_w)
