@@ -295,7 +295,14 @@ def compiled_script() -> bytes:
     return MAGIC_NUMBER + bytes(12) + marshal.dumps(code)
 
 
-def script_argv(python: str, *, script_fd: int, rules_fd: int, command: list[str]) -> list[str]:
+def script_argv(
+    python: str,
+    *,
+    script_fd: int,
+    rules_fd: int,
+    command: list[str],
+    reset_terminal_signals: bool = False,
+) -> list[str]:
     """The command line that applies the rules in `rules_fd` and then execs `command`.
 
     `script_fd` holds `compiled_script()` (a memfd). Both fds are closed before the exec.
@@ -303,7 +310,8 @@ def script_argv(python: str, *, script_fd: int, rules_fd: int, command: list[str
     (os.path.realpath(sys.executable)), not a virtual environment's link to it.
     """
     script = f"/proc/self/fd/{script_fd}"
-    return [python, "-I", "-S", script, "--rules", str(rules_fd), "--", *command]
+    reset = ["--reset-terminal-signals"] if reset_terminal_signals else []
+    return [python, "-I", "-S", script, *reset, "--rules", str(rules_fd), "--", *command]
 
 
 def close_script_fd(argv0: str) -> None:
@@ -321,9 +329,17 @@ def read_rules_fd(fd: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    """`--rules FD -- CMD...`: apply the rules read from FD, then exec CMD (no return)."""
+    """`[--reset-terminal-signals] --rules FD -- CMD...`: apply the rules read from FD, then
+    exec CMD (no return). With the flag, SIGINT and SIGQUIT go back to their defaults first:
+    corral starts bwrap with them ignored when the command shares the user's terminal."""
+    if argv[:1] == ["--reset-terminal-signals"]:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        argv = argv[1:]
     if len(argv) < 4 or argv[0] != "--rules" or argv[2] != "--" or not argv[1].isdigit():
-        sys.stderr.write("corral-inner: usage: --rules FD -- CMD [ARGS...]\n")
+        sys.stderr.write("corral-inner: usage: [--reset-terminal-signals] --rules FD -- CMD\n")
         return EXIT_LAUNCHER
     fd, command = int(argv[1]), argv[3:]
     try:

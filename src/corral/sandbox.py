@@ -22,7 +22,8 @@ from typing import IO, NamedTuple
 from corral.audit.events import MemorySink, Sink
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.facts import gather_disk_facts
-from corral.backends.fsplan import plan_filesystem
+from corral.backends.fsplan import FilesystemPlan, plan_filesystem
+from corral.backends.landlock import memfd_with, open_rules_fd, rules_for_plan
 from corral.backends.limits import (
     RLimit,
     apply_point,
@@ -34,6 +35,7 @@ from corral.backends.limits import (
 from corral.backends.placeholders import create_placeholders, remove_placeholders, sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
 from corral.errors import LaunchError, SandboxUnavailable, UsageError
+from corral.inner import compiled_script, script_argv
 from corral.network import Ask, NetworkService, Resolver, start_network
 from corral.policy.environment import scrub_environment
 from corral.policy.model import Policy
@@ -171,6 +173,7 @@ class Sandbox:
         self._ask = ask
         self._facts: MachineFacts | None = None
         self._seccomp_program: bytes | None = None
+        self._inner_code: bytes | None = None
         self._network: NetworkService | None = None
         self._network_started = False
 
@@ -242,6 +245,13 @@ class Sandbox:
             )
         return cwd
 
+    def _landlock_fds(self, plan: FilesystemPlan, abi: int) -> tuple[int, int]:
+        """memfds holding corral.inner's bytecode (built once) and this plan's ruleset."""
+        if self._inner_code is None:
+            self._inner_code = compiled_script()
+        rules = rules_for_plan(plan, abi=abi, network=self.policy.network.access)
+        return memfd_with("corral-inner", self._inner_code), open_rules_fd(rules)
+
     def _prepare_host(self) -> str:
         """Create what the plan needs on the host; return the empty file for hidden files."""
         policy = self.policy
@@ -306,16 +316,27 @@ class Sandbox:
             block_fd=gate_r,
             empty_file=empty_file,
         )
+        landlock_fds: tuple[int, ...] = ()
+        if facts.landlock_abi > 0:
+            # The second wall: Landlock, applied inside by corral.inner just before the exec.
+            landlock_fds = self._landlock_fds(plan, facts.landlock_abi)
+            inner_argv = script_argv(
+                os.path.realpath(sys.executable),
+                script_fd=landlock_fds[0],
+                rules_fd=landlock_fds[1],
+                command=list(argv),
+                reset_terminal_signals=inherit,
+            )
+        else:
+            inner_argv = [*terminal_shim(), *argv] if inherit else list(argv)
         command = bwrap_argv(
-            plan,
-            options,
-            [*terminal_shim(), *argv] if inherit else argv,
-            bwrap=self._bwrap or facts.bwrap_path or "bwrap",
+            plan, options, inner_argv, bwrap=self._bwrap or facts.bwrap_path or "bwrap"
         )
         journal = create_placeholders(
             plan.placeholders, journal_dir=f"{policy.host.state_dir}/placeholders"
         )
-        child_fds = [status_w, seccomp_fd, *([gate_r] if gate_r is not None else []), *pass_fds]
+        child_fds = [status_w, seccomp_fd, *([gate_r] if gate_r is not None else [])]
+        child_fds += [*landlock_fds, *pass_fds]
         child_env = sandbox_environment(policy, os.environ if env is None else env)
         if command_net is not None:
             child_fds += command_net.pass_fds
@@ -340,7 +361,7 @@ class Sandbox:
                 remove_placeholders(journal)
             raise LaunchError(f"could not start bubblewrap: {exc.strerror}") from exc
         finally:
-            for fd in (status_w, seccomp_fd, gate_r):
+            for fd in (status_w, seccomp_fd, gate_r, *landlock_fds):
                 if fd is not None:
                     os.close(fd)
             if network is not None and command_net is not None:
