@@ -35,11 +35,9 @@ def allowed() -> Iterator[LoopbackServer]:
     server.close()
 
 
-def _unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(20)  # an upper bound for a broken proxy, not part of any check
-    sock.connect(path)
-    return sock
+def _connect(port: int) -> socket.socket:
+    # The timeout is an upper bound for a broken proxy, not part of any check.
+    return socket.create_connection(("127.0.0.1", port), timeout=20)
 
 
 @pytest.mark.parametrize(
@@ -47,9 +45,9 @@ def _unix(path: str) -> socket.socket:
     [b"", b"CONNECT allowed.test:80 HTTP/1.1\r\n", b"GET http://allowed.test/ HTTP/1.1\r\nA: b"],
     ids=["silent", "connect-line", "half-head"],
 )
-def test_slow_http_client_gets_408_and_is_closed(tmp_path: object, partial: bytes) -> None:
-    with running_proxy(str(tmp_path), limits=SHORT) as (server, endpoints, sink):
-        with _unix(endpoints.http_socket) as sock:
+def test_slow_http_client_gets_408_and_is_closed(partial: bytes) -> None:
+    with running_proxy(limits=SHORT) as (server, ports, sink):
+        with _connect(ports.http) as sock:
             sock.sendall(partial)
             answer = recv_all(sock)  # returns only because the proxy closed
         assert answer.startswith(b"HTTP/1.1 408 ")
@@ -57,9 +55,9 @@ def test_slow_http_client_gets_408_and_is_closed(tmp_path: object, partial: byte
         assert [e["rule"] for e in network_events(sink)] == ["timeout"]
 
 
-def test_slow_socks_client_is_closed(tmp_path: object) -> None:
-    with running_proxy(str(tmp_path), limits=SHORT) as (_, endpoints, sink):
-        with _unix(endpoints.socks_socket) as sock:
+def test_slow_socks_client_is_closed() -> None:
+    with running_proxy(limits=SHORT) as (_, ports, sink):
+        with _connect(ports.socks) as sock:
             sock.sendall(b"\x05\x01\x00\x05\x01")
             assert sock.recv(2) == b"\x05\x00"
             assert recv_all(sock) == b""
@@ -67,10 +65,10 @@ def test_slow_socks_client_is_closed(tmp_path: object) -> None:
         assert network_events(sink)[0]["rule"] == "timeout"
 
 
-def test_tunnel_without_client_hello_is_closed(tmp_path: object, allowed: LoopbackServer) -> None:
+def test_tunnel_without_client_hello_is_closed(allowed: LoopbackServer) -> None:
     tls_port = frozenset({allowed.port})
-    with running_proxy(str(tmp_path), limits=SHORT, tls_ports=tls_port) as (_, endpoints, sink):
-        with _unix(endpoints.http_socket) as sock:
+    with running_proxy(limits=SHORT, tls_ports=tls_port) as (_, ports, sink):
+        with _connect(ports.http) as sock:
             sock.sendall(f"CONNECT allowed.test:{allowed.port} HTTP/1.1\r\n\r\n".encode())
             assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
             sock.sendall(b"\x16\x03\x01")  # a ClientHello that never finishes
@@ -79,9 +77,9 @@ def test_tunnel_without_client_hello_is_closed(tmp_path: object, allowed: Loopba
         assert network_events(sink)[0]["rule"] == "timeout"
 
 
-def test_idle_tunnel_is_closed(tmp_path: object, allowed: LoopbackServer) -> None:
-    with running_proxy(str(tmp_path), limits=SHORT) as (server, endpoints, sink):
-        sock, reply = socks_connect(endpoints.socks_socket, "allowed.test", allowed.port)
+def test_idle_tunnel_is_closed(allowed: LoopbackServer) -> None:
+    with running_proxy(limits=SHORT) as (server, ports, sink):
+        sock, reply = socks_connect(ports.socks, "allowed.test", allowed.port)
         with sock:
             assert reply == 0
             sock.sendall(b"ECHO once")
@@ -93,12 +91,10 @@ def test_idle_tunnel_is_closed(tmp_path: object, allowed: LoopbackServer) -> Non
         assert (event["bytes_up"], event["bytes_down"]) == (9, 9)
 
 
-def test_client_vanishing_mid_tunnel_closes_the_upstream(
-    tmp_path: object, allowed: LoopbackServer
-) -> None:
-    with running_proxy(str(tmp_path)) as (server, endpoints, sink):
+def test_client_vanishing_mid_tunnel_closes_the_upstream(allowed: LoopbackServer) -> None:
+    with running_proxy() as (server, ports, sink):
         before = allowed.open_connections
-        sock, reply = socks_connect(endpoints.socks_socket, "allowed.test", allowed.port)
+        sock, reply = socks_connect(ports.socks, "allowed.test", allowed.port)
         assert reply == 0
         sock.sendall(b"STREAM")
         assert len(sock.recv(65536)) > 0
@@ -118,8 +114,8 @@ def _open_fds() -> int:
 
 @pytest.fixture
 def many_fds() -> Iterator[None]:
-    """Each tunnel costs this process about six descriptors (client, proxy's two ends,
-    the echo server's end, spare pipes)."""
+    """Each tunnel costs this process about six descriptors (client, the proxy's received
+    socket and upstream, the echo server's end, spare pipes)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = TUNNELS * 6 + 1024
     if hard != resource.RLIM_INFINITY and hard < needed:
@@ -143,8 +139,8 @@ class _Barrier:
         await self.all_open.wait()
 
 
-async def _tunnel(path: str, port: int, index: int, barrier: _Barrier) -> bytes:
-    reader, writer = await asyncio.open_unix_connection(path)
+async def _tunnel(socks_port: int, port: int, index: int, barrier: _Barrier) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", socks_port)
     name = b"allowed.test"
     writer.write(
         b"\x05\x01\x00\x05\x01\x00\x03" + bytes((len(name),)) + name + port.to_bytes(2, "big")
@@ -160,18 +156,19 @@ async def _tunnel(path: str, port: int, index: int, barrier: _Barrier) -> bytes:
     return echoed
 
 
-async def _many_tunnels(path: str, port: int) -> list[bytes]:
+async def _many_tunnels(socks_port: int, port: int) -> list[bytes]:
     barrier = _Barrier(TUNNELS)
     async with asyncio.timeout(120):  # an upper bound for a hung proxy only
-        return await asyncio.gather(*(_tunnel(path, port, i, barrier) for i in range(TUNNELS)))
+        tunnels = (_tunnel(socks_port, port, i, barrier) for i in range(TUNNELS))
+        return await asyncio.gather(*tunnels)
 
 
 def test_a_thousand_concurrent_tunnels_and_no_fd_leak(
-    tmp_path: object, allowed: LoopbackServer, many_fds: None
+    allowed: LoopbackServer, many_fds: None
 ) -> None:
     before = _open_fds()
-    with running_proxy(str(tmp_path)) as (server, endpoints, sink):
-        echoed = asyncio.run(_many_tunnels(endpoints.socks_socket, allowed.port))
+    with running_proxy() as (server, ports, sink):
+        echoed = asyncio.run(_many_tunnels(ports.socks, allowed.port))
         assert echoed == [b"ECHO %d" % i for i in range(TUNNELS)]
         wait_for(lambda: len(events_for(sink, "allowed.test")) == TUNNELS, timeout=60)
         wait_for(lambda: server.active_connections == 0)

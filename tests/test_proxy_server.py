@@ -1,6 +1,8 @@
 """The proxy with real clients on the host: curl (HTTP proxy, CONNECT, SOCKS5 by name) and
-urllib through the in-sandbox forwarder, raw sockets for what clients will not send. Every
-refusal is checked on the host side too: the server the refused name leads to saw nothing."""
+urllib through the launcher's forwarder (run on the host here, handing each connection over a
+channel as inside a sandbox), raw sockets for what clients will not send. Every refusal is
+checked on the host side too: the server the refused name leads to saw nothing. The same
+clients inside real sandboxes are in test_network_sandbox.py."""
 
 from __future__ import annotations
 
@@ -17,14 +19,14 @@ import pytest
 
 from corral.audit.events import MemorySink
 from corral.proxy.decision import Request
-from corral.proxy.server import ProxyEndpoints, ProxyServer
+from corral.proxy.server import ProxyServer
 from tests.test_proxy_support import (
     ALLOWED_ADDRESS,
     DENIED_ADDRESS,
     LoopbackServer,
+    Ports,
     events_for,
     recv_all,
-    running_forwarder,
     running_proxy,
     socks_connect,
     wait_for,
@@ -39,7 +41,6 @@ class Servers(NamedTuple):
 
 class Proxy(NamedTuple):
     server: ProxyServer
-    endpoints: ProxyEndpoints
     sink: MemorySink
     http_port: int
     socks_port: int
@@ -56,12 +57,9 @@ def servers() -> Iterator[Servers]:
 
 
 @pytest.fixture
-def proxy(tmp_path: object, servers: Servers) -> Iterator[Proxy]:
-    with (
-        running_proxy(str(tmp_path)) as (server, endpoints, sink),
-        running_forwarder(endpoints) as (http_port, socks_port),
-    ):
-        yield Proxy(server, endpoints, sink, http_port, socks_port)
+def proxy(servers: Servers) -> Iterator[Proxy]:
+    with running_proxy() as (server, ports, sink):
+        yield Proxy(server, sink, ports.http, ports.socks)
 
 
 def _curl(mode: str, proxy: Proxy, url: str) -> subprocess.CompletedProcess[str]:
@@ -153,10 +151,8 @@ def test_urllib_with_a_proxy_handler(proxy: Proxy, servers: Servers) -> None:
     assert servers.denied.connections == before
 
 
-def test_socks_directly_on_the_unix_socket_with_a_unicode_name(
-    proxy: Proxy, servers: Servers
-) -> None:
-    sock, reply = socks_connect(proxy.endpoints.socks_socket, "BÜCHER.test", servers.allowed.port)
+def test_socks_with_a_unicode_name(proxy: Proxy, servers: Servers) -> None:
+    sock, reply = socks_connect(proxy.socks_port, "BÜCHER.test", servers.allowed.port)
     with sock:
         assert reply == 0
         sock.sendall(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -214,16 +210,16 @@ def test_malformed_requests_get_their_status(proxy: Proxy, data: bytes, status: 
     assert events_for(proxy.sink, "")[0]["rule"] == "malformed"
 
 
-def test_ask_always_is_asked_once(tmp_path: object, servers: Servers) -> None:
+def test_ask_always_is_asked_once(servers: Servers) -> None:
     asked: list[Request] = []
 
     def ask(request: Request) -> str:
         asked.append(request)
         return "always"
 
-    with running_proxy(str(tmp_path), ask=ask) as (_, endpoints, sink):
+    with running_proxy(ask=ask) as (_, ports, sink):
         for _ in range(2):
-            sock, reply = socks_connect(endpoints.socks_socket, "asked.test", servers.allowed.port)
+            sock, reply = socks_connect(ports.socks, "asked.test", servers.allowed.port)
             sock.close()
             assert reply == 0
         assert [r.host for r in asked] == ["asked.test"]
@@ -234,11 +230,9 @@ def test_ask_always_is_asked_once(tmp_path: object, servers: Servers) -> None:
         ]
 
 
-def _tls_tunnel(endpoints: ProxyEndpoints, port: int, hello: bytes) -> bytes:
+def _tls_tunnel(ports: Ports, port: int, hello: bytes) -> bytes:
     """CONNECT allowed.test:port, send `hello`, return what comes back until the proxy closes."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(20)
-        sock.connect(endpoints.http_socket)
+    with socket.create_connection(("127.0.0.1", ports.http), timeout=20) as sock:
         sock.sendall(f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode())
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
         sock.sendall(hello)
@@ -258,16 +252,15 @@ def _tls_tunnel(endpoints: ProxyEndpoints, port: int, hello: bytes) -> bytes:
     ],
 )
 def test_tls_tunnel_must_name_its_host(
-    tmp_path: object, servers: Servers, server_name: str | None, missing: str, rule: str | None
+    servers: Servers, server_name: str | None, missing: str, rule: str | None
 ) -> None:
     port = servers.allowed.port
     hello = client_hello(server_name)
     with running_proxy(
-        str(tmp_path),
         tls_ports=frozenset({port}),
         missing_sni="allow" if missing == "allow" else "refuse",
-    ) as (_, endpoints, sink):
-        _tls_tunnel(endpoints, port, hello)
+    ) as (_, ports, sink):
+        _tls_tunnel(ports, port, hello)
         wait_for(lambda: bool(events_for(sink, "allowed.test")))
         event = events_for(sink, "allowed.test")[0]
         if rule is None:
@@ -279,16 +272,16 @@ def test_tls_tunnel_must_name_its_host(
             assert hello[:40] not in servers.allowed.received
 
 
-def test_tls_port_refuses_what_is_not_tls(tmp_path: object, servers: Servers) -> None:
+def test_tls_port_refuses_what_is_not_tls(servers: Servers) -> None:
     port = servers.allowed.port
-    with running_proxy(str(tmp_path), tls_ports=frozenset({port})) as (_, endpoints, sink):
-        _tls_tunnel(endpoints, port, b"GET /plain-on-tls-port HTTP/1.1\r\n\r\n")
+    with running_proxy(tls_ports=frozenset({port})) as (_, ports, sink):
+        _tls_tunnel(ports, port, b"GET /plain-on-tls-port HTTP/1.1\r\n\r\n")
         wait_for(lambda: bool(events_for(sink, "allowed.test")))
         assert events_for(sink, "allowed.test")[0]["rule"] == "not-tls"
     assert b"plain-on-tls-port" not in servers.allowed.received
 
 
-def test_upstream_proxy_receives_the_name(tmp_path: object, servers: Servers) -> None:
+def test_upstream_proxy_receives_the_name(servers: Servers) -> None:
     seen: list[bytes] = []
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -312,8 +305,8 @@ def test_upstream_proxy_receives_the_name(tmp_path: object, servers: Servers) ->
     thread = threading.Thread(target=upstream_proxy, daemon=True)
     thread.start()
     url = f"http://user:pw@127.0.0.1:{listener.getsockname()[1]}"
-    with running_proxy(str(tmp_path), upstream_proxy=url) as (_, endpoints, _sink):
-        sock, reply = socks_connect(endpoints.socks_socket, "allowed.test", servers.allowed.port)
+    with running_proxy(upstream_proxy=url) as (_, ports, _sink):
+        sock, reply = socks_connect(ports.socks, "allowed.test", servers.allowed.port)
         with sock:
             assert reply == 0
             sock.sendall(b"GET /via HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -323,11 +316,3 @@ def test_upstream_proxy_receives_the_name(tmp_path: object, servers: Servers) ->
     listener.close()
     assert seen[0].startswith(f"CONNECT allowed.test:{servers.allowed.port} HTTP/1.1\r\n".encode())
     assert b"Proxy-Authorization: Basic dXNlcjpwdw==" in seen[0]
-
-
-def test_socket_directory_is_private_and_removed(tmp_path: object) -> None:
-    with running_proxy(str(tmp_path)) as (_, endpoints, _sink):
-        directory = os.path.dirname(endpoints.http_socket)
-        assert os.stat(directory).st_mode & 0o777 == 0o700
-        assert os.path.exists(endpoints.socks_socket)
-    assert not os.path.exists(directory)

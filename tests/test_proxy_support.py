@@ -1,4 +1,4 @@
-"""Loopback servers, a proxy under test and the forwarder, shared by the proxy's socket tests.
+"""Loopback servers, a proxy under test and its forwarder, shared by the proxy's socket tests.
 
 Addresses: allowed names resolve (through the test resolver) to the "allowed" server on
 127.0.0.2, which the policy lists; denied and rebinding names resolve to the "denied" server on
@@ -9,7 +9,6 @@ host-side evidence that a refusal happened before any byte left the proxy.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -17,11 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from corral.audit.events import MemorySink
 from corral.policy.model import NetworkPolicy, Origin, Rule
+from corral.proxy import launcher
 from corral.proxy.decision import Ask, MissingSni
-from corral.proxy.server import ProxyEndpoints, ProxyServer
+from corral.proxy.server import ProxyServer
 from corral.proxy.session import Limits
 
 ALLOWED_ADDRESS = "127.0.0.2"
@@ -152,9 +153,15 @@ def wait_for(condition: Callable[[], bool], *, timeout: float = 20.0) -> None:
 DEFAULT_LIMITS = Limits()
 
 
+class Ports(NamedTuple):
+    """The TCP ports of the forwarder in front of a proxy under test."""
+
+    http: int
+    socks: int
+
+
 @contextmanager
 def running_proxy(
-    tmp_dir: str,
     *,
     policy: NetworkPolicy = POLICY,
     limits: Limits = DEFAULT_LIMITS,
@@ -162,13 +169,14 @@ def running_proxy(
     upstream_proxy: str | None = None,
     missing_sni: MissingSni = "refuse",
     tls_ports: frozenset[int] = frozenset(),
-) -> Iterator[tuple[ProxyServer, ProxyEndpoints, MemorySink]]:
+    sandbox_id: str = "test-sandbox",
+) -> Iterator[tuple[ProxyServer, Ports, MemorySink]]:
+    """A proxy server and, over one channel, the launcher's forwarder as the sandbox runs it
+    (here on the host, listening on free ports)."""
     sink = MemorySink()
     server = ProxyServer(
         policy=policy,
         sink=sink,
-        sandbox_id="test-sandbox",
-        socket_dir=os.path.join(tmp_dir, "proxy"),
         resolver=resolve,
         ask=ask,
         upstream_proxy=upstream_proxy,
@@ -176,32 +184,32 @@ def running_proxy(
         tls_ports=tls_ports,
         limits=limits,
     )
-    endpoints = server.start()
+    server.start()
     try:
-        yield server, endpoints, sink
+        with running_forwarder(server, sandbox_id) as ports:
+            yield server, ports, sink
     finally:
         server.stop()
 
 
 @contextmanager
-def running_forwarder(endpoints: ProxyEndpoints) -> Iterator[tuple[int, int]]:
-    """The forwarder as the sandbox runs it; yields its (HTTP, SOCKS) TCP ports."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "corral.proxy.forwarder",
-            f"0={endpoints.http_socket}",
-            f"0={endpoints.socks_socket}",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def running_forwarder(
+    server: ProxyServer, sandbox_id: str, *, listens: tuple[str, ...] = ("h:0", "s:0")
+) -> Iterator[Ports]:
+    """`launcher` in forward-only mode on a new channel of `server`; yields its ports."""
+    far_end = server.attach(sandbox_id)
+    argv = [sys.executable, "-I", "-S", launcher.__file__, "--channel", str(far_end.fileno())]
+    for listen in listens:
+        argv += ["--listen", listen]
+    with far_end:
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, text=True, pass_fds=(far_end.fileno(),)
+        )
     try:
         assert process.stdout is not None
         words = process.stdout.readline().split()
         assert words[0] == "ready", words
-        yield int(words[1]), int(words[2])
+        yield Ports(int(words[1]), int(words[2]))
     finally:
         process.kill()
         process.wait()
@@ -215,14 +223,16 @@ def events_for(sink: MemorySink, host: str) -> list[dict[str, object]]:
     return [fields for fields in network_events(sink) if fields["host"] == host]
 
 
-def socks_connect(path: str, host: str, port: int) -> tuple[socket.socket, int]:
-    """A SOCKS5 CONNECT by name over the proxy's unix socket; the socket and the reply code."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(20)
-    sock.connect(path)
+def socks_connect(port: int, host: str, target_port: int) -> tuple[socket.socket, int]:
+    """A SOCKS5 CONNECT by name through the forwarder's SOCKS port; the socket and the reply
+    code."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     name = host.encode()
     sock.sendall(
-        b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes((len(name),)) + name + port.to_bytes(2, "big")
+        b"\x05\x01\x00\x05\x01\x00\x03"
+        + bytes((len(name),))
+        + name
+        + target_port.to_bytes(2, "big")
     )
     method = recv_exactly(sock, 2)
     assert method == b"\x05\x00"

@@ -5,24 +5,43 @@ the sandbox's own loopback); otherwise a running `NetworkService`, shared by eve
 one `Sandbox`, which hands each command its `CommandNetwork`: the launcher to put before the
 command inside the sandbox, the environment variables that point clients at the proxy, and
 the file descriptors that must reach the sandbox.
+
+How a connection leaves (see `corral.proxy.launcher` and `corral.proxy.channel`): inside, a
+forwarder listens on 127.0.0.1:3128 (HTTP proxy) and 127.0.0.1:1080 (SOCKS5); each connection
+it accepts is passed, as a file descriptor, over a socketpair to the proxy on the host, which
+decides, connects and relays. The sandbox's network namespace has nothing but its loopback,
+so a program that ignores the proxy variables reaches nothing at all.
+
+This module is on the launch path (`corral.sandbox` imports it): the proxy itself, asyncio
+and the rest are imported only by `start_network`, when a policy needs them.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from corral.audit.events import Sink
-from corral.policy.model import Policy
+if TYPE_CHECKING:
+    from corral.audit.events import Sink
+    from corral.policy.model import Policy
+    from corral.proxy.decision import Request
 
 Resolver = Callable[[str], list[str]]
-Ask = Callable[..., str]
+"""A host name to its addresses (tests map test names to loopback servers)."""
+Ask = Callable[["Request"], str]
+"""Decides a host in neither domain list: "once", "always" or "deny" (anything else denies).
+Called on the proxy's worker thread, one question at a time."""
+Notify = Callable[[str], None]
+"""Receives the one-line message for each refused connection."""
 
 
 class CommandNetwork(NamedTuple):
     argv_prefix: tuple[str, ...]
     env: dict[str, str]
     pass_fds: tuple[int, ...]
+    channel_fd: int = -1
+    """The channel's far end among `pass_fds`: `after_spawn` closes it in corral."""
 
 
 class NetworkService:
@@ -37,10 +56,19 @@ class NetworkService:
 
 
 def needs_proxy(policy: Policy) -> bool:
+    """A proxy runs for "filtered", and for "local" when something must cross the namespace:
+    allowed domains, host ports or published ports. "none" has no sockets at all."""
     network = policy.network
     return network.access == "filtered" or (
-        network.access == "local" and bool(network.allowed_domains)
+        network.access == "local"
+        and bool(network.allowed_domains or network.host_ports or network.publish_ports)
     )
+
+
+def write_to_stderr(line: str) -> None:
+    """The default `Notify`: corral's stderr, which is the sandboxed command's terminal."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def start_network(
@@ -49,8 +77,13 @@ def start_network(
     sink: Sink,
     resolver: Resolver | None = None,
     ask: Ask | None = None,
+    notify: Notify | None = write_to_stderr,
 ) -> NetworkService | None:
-    # Until the proxy is wired in, a policy that wants one fails closed: the sandbox keeps
-    # its own loopback only, which is stricter than what was asked.
-    del policy, sink, resolver, ask
-    return None
+    """The running proxy for `policy`, or None when it needs none. `notify` hears one line per
+    refused connection (None: the audit sink only). UsageError when a published port is
+    taken or two ports collide; SettingsError for a bad domain pattern."""
+    if not needs_proxy(policy):
+        return None
+    from corral.proxy.service import ProxyNetwork
+
+    return ProxyNetwork(policy, sink=sink, resolver=resolver, ask=ask, notify=notify)

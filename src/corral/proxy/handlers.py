@@ -38,6 +38,7 @@ async def serve_http(ctx: ProxyContext, client: socket.socket) -> None:
             )
         except TimeoutError:
             record.decision = Decision(False, "timeout", "no complete request head in time")
+            record.emit(ctx)
             await _reply_and_close(client, http_error(408, record.decision.reason))
             return
         if isinstance(event, ForwardRequest):
@@ -48,6 +49,7 @@ async def serve_http(ctx: ProxyContext, client: socket.socket) -> None:
             await _tunnel_connect(ctx, client, parser, event, record)
         elif isinstance(event, Rejected):
             record.decision = Decision(False, "malformed", event.reason)
+            record.emit(ctx)
             await _reply_and_close(client, http_error(event.status, event.reason))
         elif isinstance(event, ConnectionClosed):
             record.decision = Decision(False, "malformed", "closed before sending a request")
@@ -82,6 +84,7 @@ async def _tunnel_connect(
         Request(event.host, event.port, "connect", ctx.sandbox_id)
     )
     if not record.decision.allowed:
+        record.emit(ctx)
         await _reply_and_close(
             client, http_error(403, record.decision.reason, rule=record.decision.rule)
         )
@@ -90,12 +93,14 @@ async def _tunnel_connect(
         upstream, early_down = await ctx.open(record)
     except Refused as refused:
         record.decision = refused.decision
+        record.emit(ctx)
         await _reply_and_close(
             client, http_error(403, refused.decision.reason, rule=refused.decision.rule)
         )
         return
     except UpstreamError as exc:
         record.error = exc.reason
+        record.emit(ctx)
         await _reply_and_close(client, http_error(exc.http_status, exc.reason))
         return
     try:
@@ -118,6 +123,7 @@ async def _checked_tls(
         record.decision = refused.decision
     except TimeoutError:
         record.decision = Decision(False, "timeout", "no complete TLS ClientHello in time")
+    record.emit(ctx)
     return None
 
 
@@ -134,16 +140,19 @@ async def serve_socks(ctx: ProxyContext, client: socket.socket) -> None:
             Request(request.host, request.port, "socks5", ctx.sandbox_id)
         )
         if not record.decision.allowed:
+            record.emit(ctx)
             await _socks_reply(client, core, socks5.NOT_ALLOWED_BY_RULESET)
             return
         try:
             upstream, early_down = await ctx.open(record)
         except Refused as refused:
             record.decision = refused.decision
+            record.emit(ctx)
             await _socks_reply(client, core, socks5.NOT_ALLOWED_BY_RULESET)
             return
         except UpstreamError as exc:
             record.error = exc.reason
+            record.emit(ctx)
             await _socks_reply(client, core, exc.socks_reply)
             return
         try:
@@ -185,6 +194,7 @@ async def _socks_handshake(
         return event
     if isinstance(event, socks5.Unsupported):
         record.decision = Decision(False, "unsupported", event.reason)
+        record.emit(ctx)
         await _socks_reply(client, core, event.reply)
     elif isinstance(event, socks5.ProtocolError):
         record.decision = Decision(False, "malformed", event.reason)

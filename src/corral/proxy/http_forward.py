@@ -92,12 +92,12 @@ async def _open(
             record.decision = refused.decision
         except UpstreamError as exc:
             record.error = exc.reason
+            record.emit(ctx)  # before answering (rule 1 of `session`)
             await _answer(client, http_error(exc.http_status, exc.reason))
-            record.emit(ctx)
             return None
     decision = record.decision
-    await _answer(client, http_error(403, decision.reason, rule=decision.rule))
     record.emit(ctx)
+    await _answer(client, http_error(403, decision.reason, rule=decision.rule))
     return None
 
 
@@ -110,8 +110,8 @@ async def _allowed_on_open_connection(
         return True
     record = Record("http")
     record.host, record.port, record.decision = request.host, request.port, decision
-    await _answer(client, http_error(403, decision.reason, rule=decision.rule))
     record.emit(ctx)
+    await _answer(client, http_error(403, decision.reason, rule=decision.rule))
     return False
 
 

@@ -1,10 +1,9 @@
-"""Moving bytes between two connected sockets, zero-copy with splice(2), for the server and
-the forwarder alike.
+"""Moving bytes between two connected sockets, zero-copy with splice(2), for the server.
 
 A `Tunnel` is two `Pump`s (a->b and b->a) driven by a reactor: anything with asyncio's
-`add_reader`/`add_writer` shape (the asyncio loop itself, or the forwarder's small selector
-loop). Each pump moves data socket -> pipe -> socket with non-blocking splice, so the bytes
-never enter Python; a pipe is borrowed from a shared `PipePool` only while data is in flight,
+`add_reader`/`add_writer` shape (the asyncio loop itself, or a small selector loop). Each
+pump moves data socket -> pipe -> socket with non-blocking splice, so the bytes never enter
+Python; a pipe is borrowed from a shared `PipePool` only while data is in flight,
 so a thousand idle tunnels hold no pipes.
 
 Rules:
@@ -12,7 +11,7 @@ Rules:
    tunnel closes when both directions have ended or either side fails.
 2. One readiness callback moves at most `MAX_STEP_BYTES`, so a fast tunnel cannot starve the
    others on the same loop.
-3. Only os, socket, fcntl and time are imported: the forwarder starts inside every sandbox.
+3. Only os, socket, fcntl and time are imported, so a small process can relay without asyncio.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # typing's Protocol and collections.abc cost start-up time in the forwarder
+if TYPE_CHECKING:  # typing's Protocol and collections.abc cost start-up time
     from collections.abc import Callable
     from typing import Protocol
 
@@ -242,7 +241,7 @@ class Tunnel:
         self._watch(pump, want)
 
     def _finish(self, pump: Pump) -> None:
-        try:  # noqa: SIM105 - contextlib is one import more in the forwarder's start-up
+        try:  # noqa: SIM105 - contextlib is one import more for a small relay process
             pump.dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the other side is gone already; the other pump will see it

@@ -1,46 +1,38 @@
-"""The host-side proxy server: two unix sockets (HTTP proxy and SOCKS5) in a private directory,
-an asyncio loop in a background thread, and the handlers of `handlers` behind them.
+"""The host-side proxy server: an asyncio loop in a background thread, one channel per sandbox.
 
-    with ProxyServer(policy=..., sink=..., sandbox_id=..., socket_dir=...) as server:
-        endpoints = server.endpoints        # bind-mount these into the sandbox
-        ...
+    server = ProxyServer(policy=..., sink=...)
+    server.start()
+    far_end = server.attach(sandbox_id)     # pass into the sandbox, to `launcher`'s forwarder
+    ...
+    server.stop()
 
-The directory is created with mode 0700 (or must already be an empty-enough directory of ours
-with no access for others): the sockets are the sandbox's only way out, and anyone who can
-connect to them speaks with the sandbox's network rights.
+Connections reach the server only as descriptors sent over a channel (see `channel`): there is
+no listening socket on the host for the proxy itself, so no other process of the machine can
+speak with the sandbox's network rights, and there is no directory of sockets to protect.
+The published ports (`ports.Publisher`) are the only host listeners, and only when the
+policy lists them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import socket
-import stat
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import NamedTuple
 
 from corral.audit.events import Sink
 from corral.errors import UsageError
 from corral.policy.model import NetworkPolicy
+from corral.proxy.channel import Channel
 from corral.proxy.decision import TLS_PORTS, Ask, DomainRules, MissingSni
 from corral.proxy.handlers import serve_http, serve_socks
+from corral.proxy.ports import Publisher, serve_host_port
 from corral.proxy.session import Limits, ProxyContext, Resolver, default_resolver
 from corral.proxy.upstream import parse_upstream_proxy
 
-HTTP_SOCKET_NAME = "http.sock"
-SOCKS_SOCKET_NAME = "socks.sock"
 # How long stop() waits for the loop to wind down before leaving the thread to die with us.
 STOP_TIMEOUT = 10.0
-
-Handler = Callable[[ProxyContext, socket.socket], Coroutine[None, None, None]]
-
-
-class ProxyEndpoints(NamedTuple):
-    http_socket: str
-    socks_socket: str
 
 
 class ProxyServer:
@@ -49,8 +41,6 @@ class ProxyServer:
         *,
         policy: NetworkPolicy,
         sink: Sink,
-        sandbox_id: str,
-        socket_dir: str,
         resolver: Resolver | None = None,
         ask: Ask | None = None,
         upstream_proxy: str | None = None,
@@ -60,16 +50,15 @@ class ProxyServer:
     ) -> None:
         """`upstream_proxy` defaults to the policy's; `resolver` maps a host name to its
         addresses (getaddrinfo by default); `ask` decides hosts in neither list (see
-        `decision`); tunnels to `tls_ports` must carry TLS naming their host.
+        `decision`); tunnels to `tls_ports` must carry TLS naming their host. The policy's
+        `host_ports` may be reached from inside, its `publish_ports` from the host.
         SettingsError for a bad domain pattern, UsageError for a bad proxy URL."""
         rules = DomainRules.from_policy(policy)
         proxy_url = upstream_proxy if upstream_proxy is not None else policy.upstream_proxy
-        self._socket_dir = os.path.abspath(socket_dir)
-        self._made_dir = False
         self._ctx = ProxyContext(
             rules=rules,
             sink=sink,
-            sandbox_id=sandbox_id,
+            sandbox_id="",
             resolver=resolver or default_resolver,
             ask=ask,
             upstream_proxy=parse_upstream_proxy(proxy_url) if proxy_url else None,
@@ -77,43 +66,51 @@ class ProxyServer:
             limits=limits,
             tls_ports=tls_ports,
         )
-        self._listeners: list[tuple[socket.socket, Handler]] = []
+        self._host_ports = frozenset(policy.host_ports)
+        self._publisher = Publisher(policy.publish_ports)
+        self._channels: list[Channel] = []
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.endpoints: ProxyEndpoints | None = None
+        self._started = False
+        self._lock = threading.Lock()
 
-    def start(self) -> ProxyEndpoints:
-        """Bind both sockets (errors raise here) and serve them from a background thread.
-        A server starts once; after stop() make a new one."""
-        if self.endpoints is not None:
+    def start(self) -> None:
+        """Bind the published ports (UsageError when one is taken) and run the loop in a
+        background thread. A server starts once; after stop() make a new one."""
+        if self._started:
             raise UsageError("this proxy server was started already")
-        self._prepare_dir()
-        endpoints = ProxyEndpoints(
-            os.path.join(self._socket_dir, HTTP_SOCKET_NAME),
-            os.path.join(self._socket_dir, SOCKS_SOCKET_NAME),
-        )
-        try:
-            self._listeners = [
-                (_listen(endpoints.http_socket), serve_http),
-                (_listen(endpoints.socks_socket), serve_socks),
-            ]
-        except OSError as exc:
-            self._close_listeners()
-            raise UsageError(f"cannot listen in {self._socket_dir}: {exc.strerror}") from None
+        self._started = True
+        self._publisher.bind()
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name="corral-proxy", daemon=True
         )
         self._thread.start()
         ready.wait()
-        self.endpoints = endpoints
-        return endpoints
+
+    def attach(self, sandbox_id: str) -> socket.socket:
+        """A new channel for one sandbox. Returns its far end, to pass into the sandbox (the
+        caller closes its copy once the sandbox has it); connections that come over it are
+        recorded under `sandbox_id`. Thread-safe."""
+        host_end, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        host_end.setblocking(False)
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                host_end.close()
+                far_end.close()
+                raise UsageError("the proxy server is not running")
+            # Messages wait in the socket until the loop gets to this; nothing is lost.
+            loop.call_soon_threadsafe(self._open_channel, host_end, sandbox_id)
+        return far_end
 
     def stop(self) -> None:
-        """Close the listeners and every connection (each still emits its audit event), then
-        remove the sockets and the directory if this server made it. Safe to call twice."""
-        loop, thread = self._loop, self._thread
+        """Close the channels (each forwarder inside then exits), the published ports and
+        every connection (each still emits its audit event). Safe to call twice."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = None
         if loop is None or thread is None:
             return
         future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
@@ -123,13 +120,16 @@ class ProxyServer:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(STOP_TIMEOUT)
             self._thread = None
-            self._loop = None
-            self._cleanup_dir()
 
     @property
     def active_connections(self) -> int:
         """Client connections being served now (for tests and status displays)."""
         return len(self._tasks)
+
+    @property
+    def open_channels(self) -> int:
+        """Channels whose sandbox has not gone away yet."""
+        return len(self._channels)
 
     def __enter__(self) -> ProxyServer:
         self.start()
@@ -145,80 +145,51 @@ class ProxyServer:
 
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
-        self._loop = loop
         asyncio.set_event_loop(loop)
-        for listener, handler in self._listeners:
-            loop.add_reader(listener.fileno(), self._accept, listener, handler)
+        with self._lock:
+            self._loop = loop
+        loop.call_soon(self._start_publisher)
         loop.call_soon(ready.set)
         try:
             loop.run_forever()
         finally:
             loop.close()
 
-    def _accept(self, listener: socket.socket, handler: Handler) -> None:
-        assert self._loop is not None
-        while True:
-            try:
-                client, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError:
-                return  # out of file descriptors: the backlog keeps the client waiting
-            client.setblocking(False)
-            task = self._loop.create_task(handler(self._ctx, client))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _start_publisher(self) -> None:
+        self._publisher.start(newest=self._newest_channel, spawn=self._spawn, fallback=self._ctx)
+
+    def _newest_channel(self) -> Channel | None:
+        return self._channels[-1] if self._channels else None
+
+    def _open_channel(self, sock: socket.socket, sandbox_id: str) -> None:
+        channel = Channel(
+            sock,
+            self._ctx.for_sandbox(sandbox_id),
+            serve=self._serve,
+            spawn=self._spawn,
+            on_close=self._channels.remove,
+        )
+        self._channels.append(channel)
+
+    def _serve(
+        self, ctx: ProxyContext, client: socket.socket, kind: bytes, port: int
+    ) -> Coroutine[None, None, None]:
+        if kind == b"h":
+            return serve_http(ctx, client)
+        if kind == b"s":
+            return serve_socks(ctx, client)
+        return serve_host_port(ctx, client, port, allowed=self._host_ports)
+
+    def _spawn(self, coroutine: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _shutdown(self) -> None:
-        assert self._loop is not None
-        for listener, _ in self._listeners:
-            self._loop.remove_reader(listener.fileno())
-        self._close_listeners()
-        self._ctx.close()
+        self._publisher.close()
+        for channel in list(self._channels):
+            channel.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _close_listeners(self) -> None:
-        for listener, _ in self._listeners:
-            listener.close()
-        self._listeners = []
-
-    def _prepare_dir(self) -> None:
-        try:
-            os.mkdir(self._socket_dir, 0o700)
-            self._made_dir = True
-        except FileExistsError:
-            info = os.lstat(self._socket_dir)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-                raise UsageError(f"{self._socket_dir} is not a directory of this user") from None
-            if info.st_mode & 0o077:
-                raise UsageError(
-                    f"{self._socket_dir} is open to other users (mode {info.st_mode & 0o777:o})",
-                    hint=f"chmod 700 {self._socket_dir}",
-                ) from None
-        except OSError as exc:
-            raise UsageError(f"cannot create {self._socket_dir}: {exc.strerror}") from None
-        os.chmod(self._socket_dir, 0o700)
-
-    def _cleanup_dir(self) -> None:
-        for name in (HTTP_SOCKET_NAME, SOCKS_SOCKET_NAME):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self._socket_dir, name))
-        if self._made_dir:
-            with contextlib.suppress(OSError):  # someone put something else there: leave it
-                os.rmdir(self._socket_dir)
-
-
-def _listen(path: str) -> socket.socket:
-    if os.path.lexists(path):
-        os.unlink(path)  # a stale socket of an earlier run in our own 0700 directory
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        listener.listen(socket.SOMAXCONN)
-    except OSError:
-        listener.close()
-        raise
-    listener.setblocking(False)
-    return listener
+        self._ctx.close()

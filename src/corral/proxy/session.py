@@ -4,7 +4,8 @@ record, reading events under a deadline, deciding and connecting, the TLS peek a
 Rules:
 1. Every client connection emits audit events through `Record.emit`, exactly one per target
    (a refused or broken connection emits one with what was known), from a `finally`, so a
-   connection cut by `stop()` is recorded too.
+   connection cut by `stop()` is recorded too. A refusal is emitted before the client is
+   answered: by the time a client sees its 403, the sink (and the user's terminal) has it.
 2. A target is decided, then resolved once, then connected to at the chosen address
    (`decision.choose_address`); with an upstream proxy the name goes to that proxy instead,
    which resolves it in its own network.
@@ -15,11 +16,12 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import copy
 import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from corral.audit.events import Sink, network_event
 from corral.policy.domains import DomainPattern, is_ip_literal, normalize_host
@@ -39,7 +41,7 @@ from corral.proxy.decision import (
     not_tls,
 )
 from corral.proxy.decision import (
-    Protocol as ClientProtocol,
+    Protocol as RequestProtocol,
 )
 from corral.proxy.relay import PipePool, Tunnel
 from corral.proxy.sansio import NeedData
@@ -65,6 +67,10 @@ LINGER_BYTES = 256 * 1024
 RECV_SIZE = 64 * 1024
 
 Resolver = Callable[[str], list[str]]
+RecordProtocol = RequestProtocol | Literal["host-port", "publish", "channel"]
+"""How a connection came: a proxy protocol, a host port reached from inside (`hostPorts`),
+a host client reaching a port published from inside (`publishPorts`), or something the
+sandbox sent over its channel that is no connection at all."""
 
 
 class Limits(NamedTuple):
@@ -88,7 +94,7 @@ def default_resolver(host: str) -> list[str]:
 class Record:
     """The audit event of one target, filled in as the connection goes."""
 
-    def __init__(self, protocol: ClientProtocol) -> None:
+    def __init__(self, protocol: RecordProtocol) -> None:
         self.protocol = protocol
         self.host = ""
         self.port = 0
@@ -98,8 +104,13 @@ class Record:
         self.bytes_down = 0
         self.started = time.monotonic()
         self.error = ""
+        self.emitted = False
 
     def emit(self, ctx: ProxyContext) -> None:
+        """Send the event to the sink; only the first call of a record does (rule 1)."""
+        if self.emitted:
+            return
+        self.emitted = True
         event = network_event(
             ctx.sandbox_id,
             host=self.host,
@@ -117,8 +128,18 @@ class Record:
         ctx.sink.emit(event)
 
 
+class _SharedRules:
+    """The domain rules every sandbox of one server sees: an "always" answer for one
+    command's request holds for the next command too; one question is asked at a time."""
+
+    def __init__(self, rules: DomainRules) -> None:
+        self.rules = rules
+        self.ask_lock = asyncio.Lock()
+
+
 class ProxyContext:
-    """Everything a connection handler needs; one per server, used on its loop only."""
+    """Everything a connection handler needs, used on the server's loop only. One per
+    server, and a copy per sandbox (`for_sandbox`) that shares all but the sandbox id."""
 
     def __init__(
         self,
@@ -133,7 +154,7 @@ class ProxyContext:
         limits: Limits,
         tls_ports: frozenset[int] = TLS_PORTS,
     ) -> None:
-        self.rules = rules
+        self._shared = _SharedRules(rules)
         self.sink = sink
         self.sandbox_id = sandbox_id
         self.resolver = resolver
@@ -145,7 +166,16 @@ class ProxyContext:
         self.pool = PipePool()
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="corral-proxy")
         self.tunnels: set[Tunnel] = set()
-        self._ask_lock = asyncio.Lock()
+
+    @property
+    def rules(self) -> DomainRules:
+        return self._shared.rules
+
+    def for_sandbox(self, sandbox_id: str) -> ProxyContext:
+        """This context for the connections of one sandbox: its events carry `sandbox_id`."""
+        view = copy.copy(self)
+        view.sandbox_id = sandbox_id
+        return view
 
     async def authorize(self, request: Request) -> Decision:
         """Rules 1-5 of `decision`; `ask` runs in a thread, one question at a time."""
@@ -154,7 +184,7 @@ class ProxyContext:
             return decision
         if self.ask is None:
             return Decision(False, "default-deny", f"{request.host} is not in allowedDomains")
-        async with self._ask_lock:
+        async with self._shared.ask_lock:
             # An "always" answered while this request waited decides it without asking again.
             decision = decide_by_lists(request, self.rules)
             if decision is not None:
@@ -167,7 +197,7 @@ class ProxyContext:
         decision = decision_from_answer(request, answer)
         if answer == "always":
             pattern = DomainPattern("exact", normalize_host(request.host))
-            self.rules = self.rules.allowing(pattern, Origin("ask", "always"))
+            self._shared.rules = self.rules.allowing(pattern, Origin("ask", "always"))
         return decision
 
     async def open(self, record: Record) -> tuple[socket.socket, bytes]:

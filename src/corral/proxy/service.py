@@ -1,0 +1,151 @@
+"""The network of one `Sandbox`: the proxy server, and what each command needs to reach it.
+
+`corral.network.start_network` builds a `ProxyNetwork` when the policy needs a proxy. Per
+command (`for_command`) it opens a channel to the proxy and returns:
+- `argv_prefix`: the launcher (`launcher`) run from a sealed memfd by the host's interpreter,
+  which listens on the proxy ports inside, leaves its forwarder behind and execs the command;
+- `env`: the variables that point HTTP clients, git, npm, pip, uv and Node at those ports
+  (`proxy_environment`);
+- `pass_fds`: the channel's far end and the launcher's memfd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import sys
+
+from corral.audit.events import Sink
+from corral.errors import UsageError
+from corral.network import Ask, CommandNetwork, NetworkService, Notify, Resolver
+from corral.policy.model import Policy
+from corral.proxy.launcher import compiled_launcher, launcher_argv
+from corral.proxy.notice import DenialNotices
+from corral.proxy.server import ProxyServer
+
+DEFAULT_HTTP_PROXY_PORT = 3128
+DEFAULT_SOCKS_PROXY_PORT = 1080
+# Inside the sandbox, its own loopback is direct: a test server or a published dev server.
+NO_PROXY = "localhost,127.0.0.1,::1"
+
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def proxy_environment(http_port: int, socks_port: int) -> dict[str, str]:
+    """The variables that send each common client through the proxy inside the sandbox.
+
+    Both spellings of the standard variables: curl reads only lower-case `http_proxy` (the
+    upper-case one is ignored since "httpoxy"), most others read either. The tool-specific
+    ones override a user's own proxy in files the sandbox reads (~/.gitconfig, ~/.npmrc),
+    which would otherwise win over the environment and lead nowhere.
+    """
+    http = f"http://127.0.0.1:{http_port}"
+    socks = f"socks5h://127.0.0.1:{socks_port}"  # "h": the proxy resolves names, not the client
+    env = {
+        "HTTP_PROXY": http,
+        "HTTPS_PROXY": http,
+        "ALL_PROXY": socks,
+        "NO_PROXY": NO_PROXY,
+        # git: a command-line-level config entry, above every config file.
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "http.proxy",
+        "GIT_CONFIG_VALUE_0": http,
+        # npm's own settings (they beat .npmrc); Node >= 24 reads HTTP(S)_PROXY with this.
+        "npm_config_proxy": http,
+        "npm_config_https_proxy": http,
+        "npm_config_noproxy": NO_PROXY,
+        "NODE_USE_ENV_PROXY": "1",
+        # pip: beats a proxy in pip.conf; uv, cargo and Go read the standard variables.
+        "PIP_PROXY": http,
+    }
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        env[name.lower()] = env[name]
+    return env
+
+
+def listen_plan(policy: Policy) -> list[tuple[str, int]]:
+    """The launcher's listeners: (kind, port) for the HTTP proxy, SOCKS5 and each host port.
+    UsageError when two would share a port."""
+    network = policy.network
+    http = network.http_proxy_port or DEFAULT_HTTP_PROXY_PORT
+    socks = network.socks_proxy_port or DEFAULT_SOCKS_PROXY_PORT
+    plan = [("h", http), ("s", socks), *(("p", port) for port in dict.fromkeys(network.host_ports))]
+    seen: dict[int, str] = {}
+    names = {"h": "httpProxyPort", "s": "socksProxyPort", "p": "hostPorts"}
+    for kind, port in plan:
+        if port in seen:
+            raise UsageError(
+                f"port {port} is both network.{seen[port]} and network.{names[kind]}",
+                hint="give each its own port",
+            )
+        seen[port] = names[kind]
+    return plan
+
+
+def _sealed_memfd(name: str, data: bytes) -> int:
+    """A read-only memfd holding `data`: sealed, so nothing can change it between commands."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+@functools.cache
+def _launcher_image() -> bytes:
+    """Compiled once per process."""
+    return compiled_launcher()
+
+
+class ProxyNetwork(NetworkService):
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        sink: Sink,
+        resolver: Resolver | None,
+        ask: Ask | None,
+        notify: Notify | None,
+    ) -> None:
+        """Start the proxy (UsageError: a published port is taken, ports collide)."""
+        self._listens = listen_plan(policy)
+        settings_file = f"{policy.host.project_settings_dir}/settings.local.json"
+        audit = sink if notify is None else DenialNotices(sink, notify, settings_file=settings_file)
+        self._env = proxy_environment(self._listens[0][1], self._listens[1][1])
+        self._python = os.path.realpath(sys.executable)
+        self._server = ProxyServer(policy=policy.network, sink=audit, resolver=resolver, ask=ask)
+        self._script_fd = _sealed_memfd("corral-proxy-launcher", _launcher_image())
+        try:
+            self._server.start()
+        except BaseException:
+            os.close(self._script_fd)
+            raise
+
+    @property
+    def server(self) -> ProxyServer:
+        return self._server
+
+    def for_command(self, sandbox_id: str) -> CommandNetwork:
+        channel_fd = self._server.attach(sandbox_id).detach()
+        argv = launcher_argv(
+            self._python, script_fd=self._script_fd, channel_fd=channel_fd, listens=self._listens
+        )
+        return CommandNetwork(
+            tuple(argv), dict(self._env), (channel_fd, self._script_fd), channel_fd=channel_fd
+        )
+
+    def after_spawn(self, network: CommandNetwork) -> None:
+        """The sandbox has its copy of the channel now (or failed to start: then closing
+        ours lets the proxy see the channel end)."""
+        if network.channel_fd >= 0:
+            os.close(network.channel_fd)
+
+    def close(self) -> None:
+        self._server.stop()
+        if self._script_fd >= 0:
+            os.close(self._script_fd)
+            self._script_fd = -1
