@@ -54,9 +54,14 @@ def run_cli(
     )
 
 
-def write_settings(layout: Layout, content: str | dict[str, object]) -> str:
-    """Write the project settings file (text as is, a dict as JSON); returns its path."""
-    directory = f"{layout.workspace}/.corral"
+def write_settings(
+    layout: Layout, content: str | dict[str, object], *, where: str = "project"
+) -> str:
+    """Write the project (or, `where="user"`, the user's) settings file (text as is, a dict as
+    JSON); returns its path."""
+    directory = (
+        f"{layout.workspace}/.corral" if where == "project" else f"{layout.home}/.config/corral"
+    )
     os.makedirs(directory, exist_ok=True)
     path = f"{directory}/settings.json"
     with open(path, "w") as f:

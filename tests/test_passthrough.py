@@ -290,7 +290,7 @@ def test_unsandboxed_needs_the_setting(
     layout: Layout, settings: dict[str, object] | None, allowed: bool
 ) -> None:
     if settings is not None:
-        write_settings(layout, settings)
+        write_settings(layout, settings, where="user")
     target = f"{layout.outside}/made-it"
     done = run_cli(layout, "--unsandboxed", "--", "touch", target)
     # Writing outside the workspace proves the command ran, and ran unsandboxed.
@@ -309,11 +309,24 @@ def test_excluded_commands_run_unsandboxed(
     layout: Layout, excluded: list[str] | None, escapes: bool
 ) -> None:
     if excluded is not None:
-        write_settings(layout, {"excludedCommands": excluded})
+        write_settings(layout, {"excludedCommands": excluded}, where="user")
     target = f"{layout.outside}/made-it"
     done = run_cli(layout, "--", "touch", target)
     assert os.path.exists(target) == escapes, done.stderr
     assert (done.returncode == 0) == escapes
+
+
+@pytest.mark.parametrize("key", ["allowUnsandboxedCommands", "excludedCommands"])
+def test_a_project_file_cannot_turn_the_sandbox_off(layout: Layout, key: str) -> None:
+    # A cloned repository is untrusted: its settings may tighten, never open an escape hatch.
+    value: object = True if key == "allowUnsandboxedCommands" else ["touch"]
+    write_settings(layout, {key: value})
+    target = f"{layout.outside}/made-it"
+    for extra in (["--unsandboxed"], []):
+        done = run_cli(layout, *extra, "--", "touch", target)
+        assert done.returncode == 2, done.stderr
+        assert key.encode() in done.stderr
+        assert not os.path.exists(target)
 
 
 def test_no_command_line_flag_excludes_a_command(layout: Layout) -> None:

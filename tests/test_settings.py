@@ -74,7 +74,9 @@ def test_absent_file_reads_as_none(files: Files) -> None:
 
 
 # (file text, the whole message with the file written as {f})
-UNKNOWN = "expected one of: $schema, allowUnsandboxedCommands, env, excludedCommands, filesystem"
+UNKNOWN = (
+    "expected one of: $schema, allowUnsandboxedCommands, backend, env, excludedCommands, filesystem"
+)
 BROKEN = [
     (
         '{"mode": "strict",}',
@@ -178,7 +180,8 @@ def test_every_scalar_key_reaches_the_policy(files: Files) -> None:
         "httpProxyPort": 8080.0,
         "socksProxyPort": 1080,
     }
-    files.write(files.project, {"network": network, "allowUnsandboxedCommands": True})
+    files.write(files.project, {"network": network})
+    files.write(files.user, {"allowUnsandboxedCommands": True})
     policy = files.load()
     assert policy.network.access == "filtered"
     assert policy.network.allow_local_binding is True
@@ -219,9 +222,9 @@ def test_every_list_key_reaches_the_policy(files: Files) -> None:
             "publishPorts": [8000.0],
         },
         "env": {"deny": ["MY_*"], "allow": ["MY_OK"]},
-        "excludedCommands": ["docker"],
     }
     path = files.write(files.project, data)
+    files.write(files.user, {"excludedCommands": ["docker"]})
     policy = files.load()
     ws = files.host.workspace
     fs, net = policy.filesystem, policy.network
@@ -282,11 +285,22 @@ def test_bad_cli_domain_is_a_usage_error(files: Files) -> None:
         files.load(allow_domains=["*"])
 
 
+@pytest.mark.parametrize("kind", ["project", "local"])
+@pytest.mark.parametrize("key", ["allowUnsandboxedCommands", "excludedCommands"])
+def test_project_files_cannot_open_escape_hatches(files: Files, kind: str, key: str) -> None:
+    value: object = True if key == "allowUnsandboxedCommands" else ["docker"]
+    path = files.write(getattr(files, kind), {key: value})
+    with pytest.raises(SettingsError) as caught:
+        files.load()
+    assert (caught.value.file, caught.value.key) == (path, key)
+
+
 def test_managed_scalars_cannot_be_loosened(files: Files) -> None:
     managed = files.write(
         files.managed, {"network": {"access": "none"}, "allowUnsandboxedCommands": False}
     )
-    files.write(files.local, {"network": {"access": "filtered"}, "allowUnsandboxedCommands": True})
+    files.write(files.local, {"network": {"access": "filtered"}})
+    files.write(files.user, {"allowUnsandboxedCommands": True})
     policy = files.load(mode="permissive")
     assert policy.network.access == "none"
     assert policy.allow_unsandboxed_commands is False
@@ -309,9 +323,9 @@ def test_managed_allow_lists_replace_lower_ones(files: Files) -> None:
             "network": {"allowedDomains": ["evil.example"], "allowUnixSockets": ["/d.sock"]},
             "filesystem": {"allowWrite": ["/"], "allowedPaths": ["/etc"]},
             "env": {"allow": ["AWS_SECRET_ACCESS_KEY"]},
-            "excludedCommands": ["sh"],
         },
     )
+    files.write(files.user, {"excludedCommands": ["sh"]})
     policy = files.load(allow_domains=["cli.example"])
     assert policy.network.allowed_domains == (
         Rule("corp.example", Origin(managed, "network.allowedDomains[0]")),

@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from corral.errors import CorralError, UnsandboxedRefused
 from corral.policy.model import MODES, Policy
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
@@ -39,17 +43,7 @@ class _Formatter(argparse.HelpFormatter):
         super().__init__(prog, width=width - 2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="corral",
-        description="Run commands inside a sandbox you draw once.",
-        formatter_class=_Formatter,
-    )
-    parser.add_argument("--version", action="version", version="corral 0.1.0")
-    commands = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", prog="corral"
-    )
-
+def _add_run(commands: Subparsers) -> None:
     run = commands.add_parser("run", help="run a command (and all it starts) inside the sandbox")
     _add_policy_args(run)
     run.add_argument(
@@ -61,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill the sandbox after this")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
+
+def _add_doctor(commands: Subparsers) -> None:
     commands.add_parser("doctor", help="say what works on this machine and how to fix the rest")
 
+
+def _add_policy(commands: Subparsers) -> None:
     policy = commands.add_parser("policy", help="show, check or describe the effective policy")
     policy_commands = policy.add_subparsers(
         dest="policy_command", required=True, metavar="ACTION", prog="corral policy"
@@ -74,7 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(check)
     policy_commands.add_parser("schema", help="print the JSON Schema of the settings files")
 
+
+def _add_demo(commands: Subparsers) -> None:
     commands.add_parser("demo", help="show four blocked attempts next to an allowed write")
+
+
+# Each command adds its own parser, so that `corral run` builds only the parser it needs:
+# argparse costs about a millisecond per argument on the launch path.
+COMMANDS: dict[str, Callable[[Subparsers], None]] = {
+    "run": _add_run,
+    "doctor": _add_doctor,
+    "policy": _add_policy,
+    "demo": _add_demo,
+}
+
+
+def build_parser(*, only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (`only`) the top level with just that command's parser."""
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="Run commands inside a sandbox you draw once.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version="corral 0.1.0")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", prog="corral"
+    )
+    for name, add in COMMANDS.items():
+        if only is None or name == only:
+            add(commands)
     return parser
 
 
@@ -170,7 +196,9 @@ HANDLERS = {"run": cmd_run, "doctor": cmd_doctor, "policy": cmd_policy, "demo": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    only = words[0] if words and words[0] in COMMANDS else None
+    args = build_parser(only=only).parse_args(words)
     try:
         return HANDLERS[args.command](args)
     except CorralError as exc:

@@ -289,6 +289,20 @@ def compiled_script() -> bytes:
     import marshal
     from _frozen_importlib_external import MAGIC_NUMBER  # loaded at startup: costs nothing
 
+    # An installed package has this file's bytecode already (pip compiles on install): a .pyc
+    # is exactly the image needed, header included. Use it when it is current.
+    cached = globals().get("__cached__")
+    if cached:
+        try:
+            with open(cached, "rb") as f:
+                image = f.read()
+            source = os.stat(__file__)
+            fresh = int.from_bytes(image[8:12], "little") == int(source.st_mtime) & 0xFFFFFFFF
+            if image[:4] == MAGIC_NUMBER and image[4:8] == bytes(4) and fresh:
+                return image
+        except OSError:
+            pass
+
     with open(__file__, encoding="utf-8") as f:
         code = compile(f.read(), "<corral.inner>", "exec", dont_inherit=True, optimize=2)
     # Header: magic, flags 0 (timestamp-based), then mtime and size, unchecked when run directly.

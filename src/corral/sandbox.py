@@ -17,9 +17,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, NamedTuple
+from typing import IO, TYPE_CHECKING, NamedTuple
 
-from corral.audit.events import MemorySink, Sink
+if TYPE_CHECKING:
+    from corral.audit.events import Sink
+
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.facts import gather_disk_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
@@ -40,7 +42,7 @@ from corral.network import Ask, NetworkService, Resolver, start_network
 from corral.policy.environment import scrub_environment
 from corral.policy.model import Policy
 from corral.policy.paths import is_within
-from corral.probe import MachineFacts, probe
+from corral.probe import MachineFacts, can_use_namespaces, probe
 from corral.process import SandboxProcess
 
 File = int | IO[bytes] | IO[str] | None
@@ -105,6 +107,20 @@ def _ignore_terminal_signals() -> None:
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
 
 
+def _check_backend(policy: Policy, facts: MachineFacts) -> None:
+    """Fail closed, and say so, where bubblewrap cannot be the backend."""
+    if policy.backend == "landlock":
+        raise SandboxUnavailable(
+            'the Landlock-only backend ("backend": "landlock") cannot run commands yet',
+            hint="remove the setting to use bubblewrap; see docs/security-model.md",
+        )
+    if policy.backend == "auto" and not can_use_namespaces(facts):
+        raise SandboxUnavailable(
+            "unprivileged user namespaces are unavailable here, so bubblewrap cannot sandbox",
+            hint="`corral doctor` shows the fix for this machine",
+        )
+
+
 def _preexec(*, inherit: bool, rlimits: list[RLimit] | None) -> Callable[[], None] | None:
     """What bwrap's child does before exec: ignore terminal signals (inherited session), and
     take the rlimits itself where they cannot be set on the sandbox later (setuid bwrap)."""
@@ -167,7 +183,11 @@ class Sandbox:
         name to addresses for the proxy (tests map test names to loopback servers); `ask`
         decides hosts in neither domain list ("once", "always" or "deny")."""
         self.policy = policy
-        self.sink: Sink = sink if sink is not None else MemorySink()
+        if sink is None:
+            from corral.audit.events import MemorySink
+
+            sink = MemorySink()
+        self.sink: Sink = sink
         self._bwrap = bwrap
         self._resolver = resolver
         self._ask = ask
@@ -285,6 +305,7 @@ class Sandbox:
             raise UsageError("no command given")
         policy = self.policy
         facts = self._machine()
+        _check_backend(policy, facts)
         workdir = self._check_cwd(cwd or policy.workspace)
         if session is None:
             stdin_fd = stdin if isinstance(stdin, int) else 0 if stdin is None else None

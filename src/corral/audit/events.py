@@ -16,7 +16,6 @@ json, threading and time; anything heavier is imported inside the function that 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,8 @@ class Event(NamedTuple):
     def as_json(self) -> str:
         record = {"time": self.time, "kind": self.kind, "sandbox_id": self.sandbox_id}
         record.update(self.fields)
+        import json  # lazily: the launch path creates events but rarely serialises them
+
         return json.dumps(record, sort_keys=True, default=str)
 
 

@@ -151,6 +151,10 @@ LIMIT_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+# auto: bubblewrap where user namespaces work, else the Landlock-only backend, with a notice.
+Backend = Literal["auto", "bwrap", "landlock"]
+
+
 class Policy(NamedTuple):
     mode: Mode
     host: HostPaths
@@ -163,6 +167,7 @@ class Policy(NamedTuple):
     """A private per-workspace directory for pip, uv, npm and cargo caches (None: no cache)."""
     origins: tuple[tuple[str, Origin], ...] = ()
     """Where each scalar setting came from, as (key path, origin) pairs."""
+    backend: Backend = "auto"
     limits: Limits = Limits()
     """Resource limits; the presets set them (see presets.py), settings may change them."""
 

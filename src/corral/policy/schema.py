@@ -139,6 +139,11 @@ SETTINGS_SCHEMA: dict[str, object] = {
         "env": _ENV,
         "limits": _LIMITS,
         "allowUnsandboxedCommands": {"type": "boolean"},
+        "backend": {
+            "enum": ["auto", "bwrap", "landlock"],
+            "description": "auto: bubblewrap where user namespaces work, else Landlock-only"
+            " (with a notice); bwrap or landlock: that backend or an error",
+        },
         "excludedCommands": _list(_TEXT, "Commands run outside the sandbox."),
     },
     "additionalProperties": False,

@@ -104,6 +104,7 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "network.httpProxyPort": ("network", "http_proxy_port"),
     "network.socksProxyPort": ("network", "socks_proxy_port"),
     "allowUnsandboxedCommands": ("", "allow_unsandboxed_commands"),
+    "backend": ("", "backend"),
 }
 
 _Lists = dict[str, list[Rule]]
@@ -364,6 +365,25 @@ def _port_origins(lists: _Lists) -> list[tuple[str, Origin]]:
     ]
 
 
+# Keys that let commands run outside the sandbox. A repository is untrusted input: a cloned
+# project must not be able to ship a settings file that turns the sandbox off.
+USER_ONLY_KEYS = ("allowUnsandboxedCommands", "excludedCommands")
+
+
+def _refuse_escape_hatches(source: SettingsSource, data: dict[str, object]) -> None:
+    if source.kind not in ("project", "local"):
+        return
+    for key in USER_ONLY_KEYS:
+        if key in data:
+            raise SettingsError(
+                "only your user settings or the managed settings may let commands run "
+                "outside the sandbox; a project file cannot",
+                file=source.path,
+                key=key,
+                hint="move it to ~/.config/corral/settings.json if you mean it",
+            )
+
+
 def load_policy(
     host: HostPaths,
     *,
@@ -380,6 +400,7 @@ def load_policy(
     for source in settings_sources(host, managed_path=managed_path):
         data = read_settings(source.path)
         if data is not None:
+            _refuse_escape_hatches(source, data)
             layers.append(_Layer(source, data))
     chosen, mode_origins = _choose_mode(layers, mode)
     base = preset_policy(chosen, host)
