@@ -52,3 +52,16 @@ def test_policy_timeout_kills_the_whole_sandbox(layout: Layout) -> None:
         except OSError:
             continue
         assert cwd != layout.workspace, f"process {pid} survived the timeout"
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["default", "output-64KiB"])
+def test_output_limit_keeps_the_first_bytes_and_drains_the_rest(
+    layout: Layout, limited: bool
+) -> None:
+    box = sandbox(layout, output_bytes=64 * 1024) if limited else layout.sandbox()
+    script = "import sys; sys.stdout.write('x' * 4_000_000); sys.stderr.write('done')"
+    result = box.run(["python3", "-c", script], env=layout.env, capture_output=True, timeout=60)
+    assert result.returncode == 0  # the command was never blocked on a full pipe
+    assert len(result.stdout or b"") == (64 * 1024 if limited else 4_000_000)
+    assert result.truncated == limited
+    assert result.stderr == b"done"

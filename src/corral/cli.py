@@ -17,6 +17,8 @@ from corral.errors import CorralError, UnsandboxedRefused
 from corral.policy.model import MODES, Policy
 
 if TYPE_CHECKING:
+    from corral.probe import MachineFacts
+
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
@@ -57,7 +59,10 @@ def _add_run(commands: Subparsers) -> None:
 
 
 def _add_doctor(commands: Subparsers) -> None:
-    commands.add_parser("doctor", help="say what works on this machine and how to fix the rest")
+    doctor = commands.add_parser(
+        "doctor", help="say what works on this machine and how to fix the rest"
+    )
+    _add_policy_args(doctor)
 
 
 def _add_policy(commands: Subparsers) -> None:
@@ -156,7 +161,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     facts = probe(cache_dir=host.machine_cache_dir, refresh=True)
     checks = run_checks(facts, try_sandbox=default_try_sandbox)
     print(format_checks(checks, color=sys.stdout.isatty()))
+    _print_layers(_load_policy(args), facts)
     return 0 if default_mode_can_run(checks) else 1
+
+
+def _print_layers(policy: Policy, facts: MachineFacts) -> None:
+    from corral.layers import format_layers, layers_in_force
+
+    print(f"\nlayers in force for the {policy.mode} mode here:")
+    print(format_layers(layers_in_force(policy, facts)))
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -167,14 +180,21 @@ def cmd_policy(args: argparse.Namespace) -> int:
         return 0
     policy = _load_policy(args)
     if args.policy_command == "show":
+        from corral.layers import layers_in_force
         from corral.policy.report import format_policy, policy_as_json
+        from corral.probe import probe
 
+        facts = probe(cache_dir=policy.host.machine_cache_dir)
+        layers = layers_in_force(policy, facts)
         if args.json:
             import json
 
-            print(json.dumps(policy_as_json(policy), indent=2))
+            document = policy_as_json(policy)
+            document["layers"] = [{"layer": name, "enforced_by": how} for name, how in layers]
+            print(json.dumps(document, indent=2))
         else:
             print(format_policy(policy))
+            _print_layers(policy, facts)
         return 0
     from corral.policy.report import check_policy
 

@@ -55,6 +55,8 @@ class RunResult(NamedTuple):
     stderr: bytes | None
     timed_out: bool
     sandbox_id: str
+    truncated: bool = False
+    """Captured output went past the policy's outputBytes: the rest was read and dropped."""
 
 
 def sandbox_environment(policy: Policy, environ: Mapping[str, str]) -> dict[str, str]:
@@ -105,6 +107,64 @@ def terminal_shim() -> list[str]:
 def _ignore_terminal_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+
+def _communicate(
+    proc: SandboxProcess, input: bytes | None, timeout: float | None
+) -> tuple[bytes | None, bytes | None, bool]:
+    try:
+        out, err = proc.communicate(input, timeout)
+        return out, err, False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return out, err, True
+
+
+def _capture_bounded(
+    proc: SandboxProcess, input: bytes | None, timeout: float | None, limit: int
+) -> tuple[bytes, bytes, bool, bool]:
+    """Like communicate, but keep at most `limit` bytes of each stream and drain the rest, so
+    a command cannot exhaust corral's memory through its output."""
+    import threading
+
+    kept: dict[str, list[bytes]] = {"out": [], "err": []}
+    over: list[str] = []
+
+    def read(name: str, stream: IO[bytes]) -> None:
+        size = 0
+        while chunk := stream.read1(65536):  # type: ignore[attr-defined]
+            take = chunk[: max(limit - size, 0)]
+            size += len(take)
+            kept[name].append(take)
+            if len(take) < len(chunk):
+                over.append(name)
+        stream.close()
+
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=read, args=("out", proc.stdout), daemon=True),
+        threading.Thread(target=read, args=("err", proc.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    if proc.stdin is not None:
+        try:
+            if input:
+                proc.stdin.write(input)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    timed_out = False
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    for reader in readers:
+        reader.join()
+    return b"".join(kept["out"]), b"".join(kept["err"]), timed_out, bool(over)
 
 
 def _check_backend(policy: Policy, facts: MachineFacts) -> None:
@@ -425,12 +485,11 @@ class Sandbox:
             stderr=pipe,
             pass_fds=pass_fds,
         )
-        timed_out = False
-        try:
-            out, err = proc.communicate(input, timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            out, err = proc.communicate()
+        limit = self.policy.limits.output_bytes if capture_output else None
+        if limit is None:
+            out, err, timed_out = _communicate(proc, input, timeout)
+            truncated = False
+        else:
+            out, err, timed_out, truncated = _capture_bounded(proc, input, timeout, limit)
         returncode = proc.returncode if proc.returncode is not None else -1
-        return RunResult(returncode, out, err, timed_out, proc.sandbox_id)
+        return RunResult(returncode, out, err, timed_out, proc.sandbox_id, truncated)

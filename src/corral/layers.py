@@ -1,0 +1,39 @@
+"""Which layers are in force for a policy on this machine: for `corral doctor` and
+`corral policy show`. A pure function of the policy and the machine facts."""
+
+from __future__ import annotations
+
+from corral.backends.fsplan import FilesystemPlan
+from corral.backends.landlock import enforcement, rules_for_plan
+from corral.backends.limits import limits_in_force
+from corral.policy.model import Policy
+from corral.probe import MachineFacts, can_use_namespaces
+
+EMPTY_PLAN = FilesystemPlan((), (), ("/",), (), (), ())
+
+
+def layers_in_force(policy: Policy, facts: MachineFacts) -> list[tuple[str, str]]:
+    """(layer, what enforces it here) rows, in the order they are applied."""
+    rows: list[tuple[str, str]] = []
+    if policy.backend == "landlock":
+        rows.append(("backend", "Landlock-only: not available to `corral run` yet (refused)"))
+    elif can_use_namespaces(facts):
+        rows.append(("namespaces", "bubblewrap: user, mount, pid, ipc, uts, cgroup, network"))
+    else:
+        rows.append(("namespaces", "NOT AVAILABLE: user namespaces are off (corral refuses)"))
+    seccomp = "BPF deny list via bwrap --seccomp" if facts.seccomp else "NOT AVAILABLE"
+    rows.append(("seccomp", f"{seccomp}; network {policy.network.access}"))
+    if facts.landlock_abi:
+        rules = rules_for_plan(EMPTY_PLAN, abi=facts.landlock_abi, network=policy.network.access)
+        rows.append(
+            ("landlock", f"ABI {facts.landlock_abi}, {enforcement(rules)}, in corral.inner")
+        )
+    else:
+        rows.append(("landlock", "not available on this kernel (mounts and seccomp remain)"))
+    rows += [(f"limits.{key}", how) for key, how in limits_in_force(policy.limits, facts)]
+    return rows
+
+
+def format_layers(rows: list[tuple[str, str]]) -> str:
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"  {name:<{width}}  {how}" for name, how in rows)
