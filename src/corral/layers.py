@@ -15,13 +15,15 @@ EMPTY_PLAN = FilesystemPlan((), (), ("/",), (), (), ())
 def layers_in_force(policy: Policy, facts: MachineFacts) -> list[tuple[str, str]]:
     """(layer, what enforces it here) rows, in the order they are applied."""
     rows: list[tuple[str, str]] = []
-    if policy.backend == "landlock":
-        rows.append(("backend", "Landlock-only: not available to `corral run` yet (refused)"))
-    elif can_use_namespaces(facts):
+    namespaces = can_use_namespaces(facts)
+    fallback = policy.backend == "auto" and not namespaces and facts.landlock_abi > 0
+    if policy.backend == "landlock" or fallback:
+        rows.append(("namespaces", "none: the Landlock-only backend (docs/security-model.md)"))
+    elif namespaces:
         rows.append(("namespaces", "bubblewrap: user, mount, pid, ipc, uts, cgroup, network"))
     else:
         rows.append(("namespaces", "NOT AVAILABLE: user namespaces are off (corral refuses)"))
-    seccomp = "BPF deny list via bwrap --seccomp" if facts.seccomp else "NOT AVAILABLE"
+    seccomp = "BPF deny list, applied just before exec" if facts.seccomp else "NOT AVAILABLE"
     rows.append(("seccomp", f"{seccomp}; network {policy.network.access}"))
     if facts.landlock_abi:
         rules = rules_for_plan(EMPTY_PLAN, abi=facts.landlock_abi, network=policy.network.access)

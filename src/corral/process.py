@@ -7,10 +7,12 @@ status is reported as a shell does: the code, or 128 + N when signal N killed th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import subprocess
+from collections.abc import Callable
 
 from corral.backends.bubblewrap import Session
 from corral.backends.fsplan import FilesystemPlan
@@ -32,14 +34,19 @@ class SandboxProcess:
         self,
         popen: subprocess.Popen[bytes],
         *,
-        status_fd: int,
+        status_fd: int | None,
         session: Session,
         journal: str | None,
         plan: FilesystemPlan,
         sandbox_id: str,
+        cleanup: Callable[[], None] | None = None,
     ) -> None:
+        """`status_fd`: bwrap's --json-status-fd; None for a command run directly (the
+        Landlock-only backend), whose own pid is then the top of the sandbox."""
         self._popen = popen
-        self._status = os.fdopen(status_fd, "rb")
+        self._direct = status_fd is None
+        self._status = os.fdopen(status_fd, "rb") if status_fd is not None else None
+        self._cleanup = cleanup
         self._status_text = b""
         self.session = session
         self._journal = journal
@@ -53,12 +60,16 @@ class SandboxProcess:
         self._init_pidfd: int | None = None
 
     def _read_status_line(self) -> bytes:
+        if self._status is None:
+            return b""
         line = self._status.readline()
         self._status_text += line
         return line
 
     def init_pid(self) -> int | None:
         """Host pid of the sandbox's pid 1, from bwrap's --json-status-fd (read on demand)."""
+        if self._direct:
+            return self._popen.pid
         if b"child-pid" not in self._status_text:
             self._read_status_line()
         return _json_int(self._status_text, b"child-pid")
@@ -72,9 +83,12 @@ class SandboxProcess:
             return
         try:
             if self.session == "new":
-                # bwrap's --new-session made pid 1 a session and group leader; the command
-                # and its children share that group.
+                # bwrap's --new-session made pid 1 a session and group leader (a direct
+                # command is started as its own group's leader); the command and its
+                # children share that group.
                 os.killpg(init, sig)
+            elif self._direct:
+                os.kill(init, sig)
             else:
                 for child in _children(init):
                     os.kill(child, sig)
@@ -89,6 +103,9 @@ class SandboxProcess:
         and pid 1 exits only once they are all gone; `wait` waits for that, so after it
         returns nothing started inside (daemons, grandchildren) survives."""
         if self.returncode is not None:
+            return
+        if self._direct:
+            _kill_tree(self._popen.pid)
             return
         init = self.init_pid()
         if init is not None and self._init_pidfd is None:
@@ -119,9 +136,12 @@ class SandboxProcess:
     def _finish(self) -> None:
         if self.returncode is not None:
             return
-        rest = self._status.read()
-        self._status_text += rest
-        self._status.close()
+        if self._status is not None:
+            self._status_text += self._status.read()
+            self._status.close()
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
         if self._init_pidfd is not None:
             # The kernel tears the namespace down after bwrap is gone: wait until it has.
             select.select([self._init_pidfd], [], [], NAMESPACE_TEARDOWN_SECONDS)
@@ -132,7 +152,8 @@ class SandboxProcess:
             self._journal = None
         code = _json_int(self._status_text, b"exit-code")
         bwrap_code = self._popen.returncode
-        if code is None and _json_int(self._status_text, b"child-pid") is None and bwrap_code > 0:
+        started = _json_int(self._status_text, b"child-pid") is not None
+        if not self._direct and code is None and not started and bwrap_code > 0:
             self.returncode = shell_status(bwrap_code)
             raise LaunchError(
                 f"bubblewrap could not start the sandbox (exit {bwrap_code})",
@@ -174,6 +195,23 @@ def _pidfd_of_child_of(pid: int, parent: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL a direct command's whole tree: its process group, then every descendant still
+    found under it. Without a pid namespace a process that double-forked away from the tree
+    is not found (docs/security-model.md)."""
+    seen: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo += _children(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(root, signal.SIGKILL)
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _children(pid: int) -> list[int]:

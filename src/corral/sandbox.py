@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, TYPE_CHECKING, NamedTuple
+from typing import IO, TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from corral.audit.events import Sink
@@ -167,18 +167,24 @@ def _capture_bounded(
     return b"".join(kept["out"]), b"".join(kept["err"]), timed_out, bool(over)
 
 
-def _check_backend(policy: Policy, facts: MachineFacts) -> None:
-    """Fail closed, and say so, where bubblewrap cannot be the backend."""
+def choose_backend(policy: Policy, facts: MachineFacts) -> Literal["bwrap", "landlock"]:
+    """bubblewrap where user namespaces work; the Landlock-only backend where the settings ask
+    for it, or (with "auto") where namespaces are unavailable, never silently."""
     if policy.backend == "landlock":
-        raise SandboxUnavailable(
-            'the Landlock-only backend ("backend": "landlock") cannot run commands yet',
-            hint="remove the setting to use bubblewrap; see docs/security-model.md",
-        )
-    if policy.backend == "auto" and not can_use_namespaces(facts):
+        return "landlock"
+    if can_use_namespaces(facts):
+        return "bwrap"
+    if policy.backend == "bwrap" or facts.landlock_abi == 0:
         raise SandboxUnavailable(
             "unprivileged user namespaces are unavailable here, so bubblewrap cannot sandbox",
             hint="`corral doctor` shows the fix for this machine",
         )
+    print(
+        "corral: user namespaces are unavailable here; using the Landlock-only backend, "
+        'which is weaker (docs/security-model.md); "backend": "bwrap" makes this an error',
+        file=sys.stderr,
+    )
+    return "landlock"
 
 
 def _preexec(*, inherit: bool, rlimits: list[RLimit] | None) -> Callable[[], None] | None:
@@ -256,6 +262,7 @@ class Sandbox:
         self._inner_code: bytes | None = None
         self._network: NetworkService | None = None
         self._network_started = False
+        self._backend: Literal["bwrap", "landlock"] | None = None
 
     def network(self) -> NetworkService | None:
         """The proxy shared by this Sandbox's commands, started on first use (None: no proxy)."""
@@ -365,7 +372,8 @@ class Sandbox:
             raise UsageError("no command given")
         policy = self.policy
         facts = self._machine()
-        _check_backend(policy, facts)
+        if self._backend is None:
+            self._backend = choose_backend(policy, facts)
         workdir = self._check_cwd(cwd or policy.workspace)
         if session is None:
             stdin_fd = stdin if isinstance(stdin, int) else 0 if stdin is None else None
@@ -373,6 +381,24 @@ class Sandbox:
             session = "inherit" if interactive else "new"
         inherit = session == "inherit"
         sandbox_id = os.urandom(6).hex()
+        if self._backend == "landlock":
+            from corral.nsfree import spawn_nsfree
+
+            self._prepare_host()
+            return spawn_nsfree(
+                policy,
+                facts,
+                argv,
+                seccomp_program=self.seccomp_program(),
+                env=sandbox_environment(policy, os.environ if env is None else env),
+                workdir=workdir,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=pass_fds,
+                session=session,
+                sandbox_id=sandbox_id,
+            )
         network = self.network()
         command_net = network.for_command(sandbox_id) if network is not None else None
         if command_net is not None:
