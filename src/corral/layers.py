@@ -27,9 +27,7 @@ def layers_in_force(policy: Policy, facts: MachineFacts) -> list[tuple[str, str]
     rows.append(("seccomp", f"{seccomp}; network {policy.network.access}"))
     if facts.landlock_abi:
         rules = rules_for_plan(EMPTY_PLAN, abi=facts.landlock_abi, network=policy.network.access)
-        rows.append(
-            ("landlock", f"ABI {facts.landlock_abi}, {enforcement(rules)}, in corral.inner")
-        )
+        rows.append(("landlock", f"ABI {facts.landlock_abi}, enforcement {enforcement(rules)}"))
     else:
         rows.append(("landlock", "not available on this kernel (mounts and seccomp remain)"))
     rows += [(f"limits.{key}", how) for key, how in limits_in_force(policy.limits, facts)]
