@@ -58,6 +58,7 @@ BWRAP = "bwrap <corral's argv> -- true"
 BWRAP_NO_SECCOMP = "bwrap <corral's argv, no --seccomp> -- true"
 SANDBOX_RUN = 'Sandbox.run(["true"]), all layers'
 SANDBOX_RUN_NO_LANDLOCK = 'Sandbox.run(["true"]), Landlock off'
+SANDBOX_RUN_LANDLOCK_ONLY = 'Sandbox.run(["true"]), Landlock-only backend'
 SUBPROCESS_BWRAP = "subprocess.run(<corral's bwrap argv>)"
 
 
@@ -163,6 +164,7 @@ def api_variants(bench: BenchEnv) -> list[Variant]:
         return launch
 
     sandbox_run = timed_run(sandbox, "Sandbox.run")
+    landlock_only = Sandbox(bench.policy(bench.ws_corral)._replace(backend="landlock"))
 
     def subprocess_run() -> int:
         fd = open_program_fd(bench.seccomp)
@@ -177,6 +179,7 @@ def api_variants(bench: BenchEnv) -> list[Variant]:
     return [
         Variant(SANDBOX_RUN, "api", sandbox_run),
         Variant(SANDBOX_RUN_NO_LANDLOCK, "api", timed_run(no_landlock, "Sandbox.run")),
+        Variant(SANDBOX_RUN_LANDLOCK_ONLY, "api", timed_run(landlock_only, "Sandbox.run")),
         Variant(SUBPROCESS_BWRAP, "api", subprocess_run),
     ]
 
@@ -198,6 +201,8 @@ def comparisons() -> list[Comparison]:
         Comparison(SANDBOX_RUN_NO_LANDLOCK, (SUBPROCESS_BWRAP,), 1.15),
         # Issue 6: every layer (seccomp + Landlock through corral.inner) over bwrap.
         Comparison(SANDBOX_RUN, (SUBPROCESS_BWRAP,), 1.10),
+        # Issue 6: the namespace-free backend should launch faster than bare bwrap.
+        Comparison(SANDBOX_RUN_LANDLOCK_ONLY, (SUBPROCESS_BWRAP,), 1.0),
         Comparison(BWRAP, (BWRAP_NO_SECCOMP,), None),  # what the seccomp layer costs bwrap
     ]
 
