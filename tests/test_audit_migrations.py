@@ -15,6 +15,8 @@ from corral.audit.query import AuditReader
 from corral.audit.store import AuditLog
 from corral.errors import CorralError
 
+ALL_VERSIONS = list(range(1, SCHEMA_VERSION + 1))
+
 # The version 1 schema exactly as released, written by hand: not through the migration code.
 V1_SCHEMA = [
     """CREATE TABLE sessions (id TEXT PRIMARY KEY, argv TEXT NOT NULL DEFAULT '[]',
@@ -91,7 +93,7 @@ def test_pending_on_a_version_1_log_changes_nothing(tmp_path: Path) -> None:
     write_v1(path)
     before = digest(path)
     conn = sqlite3.connect(path)
-    assert [m.version for m in migrations.pending(conn)] == [2]
+    assert [m.version for m in migrations.pending(conn)] == ALL_VERSIONS[1:]
     assert migrations.applied_versions(conn) == [1]
     conn.close()
     assert digest(path) == before
@@ -109,7 +111,7 @@ def test_opening_a_version_1_log_upgrades_it_and_keeps_the_data(tmp_path: Path) 
     path = tmp_path / "audit.db"
     write_v1(path)
     AuditLog(str(path)).close()
-    assert versions(path) == ([1, 2], 2)
+    assert versions(path) == (ALL_VERSIONS, SCHEMA_VERSION)
     with AuditReader(str(path)) as reader:
         story = reader.story("old-1")
     assert story.session.argv == ("make",)
@@ -126,7 +128,7 @@ def test_a_reader_upgrades_an_old_log_too(tmp_path: Path) -> None:
     write_v1(path)
     with AuditReader(str(path)) as reader:
         assert len(reader.violations()) == 1
-    assert versions(path) == ([1, 2], 2)
+    assert versions(path) == (ALL_VERSIONS, SCHEMA_VERSION)
 
 
 def test_a_failing_migration_rolls_back_with_its_record(tmp_path: Path) -> None:
@@ -134,15 +136,15 @@ def test_a_failing_migration_rolls_back_with_its_record(tmp_path: Path) -> None:
     write_v1(path)
     broken = (
         *migrations.MIGRATIONS,
-        Migration(3, "half done", ("CREATE TABLE half (x)", "CREATE TABLE half (x)")),
+        Migration(SCHEMA_VERSION + 1, "half", ("CREATE TABLE half (x)", "CREATE TABLE half (x)")),
     )
     conn = sqlite3.connect(path, isolation_level=None)
     with pytest.raises(sqlite3.OperationalError):
         migrations.apply_pending(conn, broken)
-    # Migration 2 committed on its own; migration 3 left neither its table nor its record.
-    assert migrations.applied_versions(conn) == [1, 2]
+    # The real migrations committed on their own; the broken one left no table, no record.
+    assert migrations.applied_versions(conn) == ALL_VERSIONS
     assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'half'").fetchone() is None
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert not conn.in_transaction
     conn.close()
 

@@ -47,39 +47,51 @@ _SESSION_END = Insert(
     """ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at,
     exit_status = excluded.exit_status, resource_usage = excluded.resource_usage""",
 )
+# Event rows carry the event id a spool gave them (None otherwise): storing a spooled event a
+# second time, as a crash between the commit and the spool file's removal makes ingest do,
+# then adds nothing.
+_SKIP_STORED = "ON CONFLICT (event_id) DO NOTHING"
 _NETWORK = Insert(
     "INSERT INTO network_events (time, session_id, host, port, decision, rule, reason, "
-    "bytes_up, bytes_down, duration)",
-    10,
+    "bytes_up, bytes_down, duration, event_id)",
+    11,
+    _SKIP_STORED,
 )
 _VIOLATION = Insert(
-    "INSERT INTO violations (time, session_id, pid, executable, operation, path, rule, ignored)",
-    8,
+    "INSERT INTO violations (time, session_id, pid, executable, operation, path, rule, ignored, "
+    "event_id)",
+    9,
+    _SKIP_STORED,
 )
 _BRIDGE = Insert(
     "INSERT INTO bridge_requests (time, session_id, request_id, command, params, decision, "
-    "decided_by)",
-    7,
+    "decided_by, event_id)",
+    8,
+    _SKIP_STORED,
 )
 
 Params = tuple[object, ...]
 Row = tuple[Insert, Params]
 
 
-def row_of(event: Event) -> Row:
-    """The statement and parameters that store one event. Raises CorralError if malformed."""
+def row_of(event: Event, *, event_id: str | None = None) -> Row:
+    """The statement and parameters that store one event. Raises CorralError if malformed.
+
+    `event_id` (from a spool) makes storing the same event again a no-op. Sessions need none:
+    their rows are upserts keyed by the session id, which repeat harmlessly.
+    """
     build = _BUILDERS.get(event.kind)
     if build is None:
         raise CorralError(f"audit event of unknown kind {event.kind!r}")
     try:
-        return build(event, event.fields)
+        return build(event, event.fields, event_id)
     except KeyError as exc:
         raise CorralError(f"malformed {event.kind} audit event: no field {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise CorralError(f"malformed {event.kind} audit event: {exc}") from exc
 
 
-def _session(event: Event, f: dict[str, object]) -> Row:
+def _session(event: Event, f: dict[str, object], _event_id: str | None) -> Row:
     phase = f.get("phase")
     if phase == "start":
         argv = json.dumps([str(a) for a in _seq(f.get("argv", ()))])
@@ -98,7 +110,7 @@ def _session(event: Event, f: dict[str, object]) -> Row:
     raise ValueError(f"phase must be 'start' or 'end', not {phase!r}")
 
 
-def _network(event: Event, f: dict[str, object]) -> Row:
+def _network(event: Event, f: dict[str, object], event_id: str | None) -> Row:
     return _NETWORK, (
         event.time,
         event.sandbox_id,
@@ -110,10 +122,11 @@ def _network(event: Event, f: dict[str, object]) -> Row:
         _int(f.get("bytes_up", 0)),
         _int(f.get("bytes_down", 0)),
         float(f.get("duration", 0.0)),  # type: ignore[arg-type]
+        event_id,
     )
 
 
-def _violation(event: Event, f: dict[str, object]) -> Row:
+def _violation(event: Event, f: dict[str, object], event_id: str | None) -> Row:
     return _VIOLATION, (
         event.time,
         event.sandbox_id,
@@ -123,10 +136,11 @@ def _violation(event: Event, f: dict[str, object]) -> Row:
         _text(f["path"]),
         _text(f.get("rule")),
         1 if f.get("ignored") else 0,
+        event_id,
     )
 
 
-def _bridge(event: Event, f: dict[str, object]) -> Row:
+def _bridge(event: Event, f: dict[str, object], event_id: str | None) -> Row:
     return _BRIDGE, (
         event.time,
         event.sandbox_id,
@@ -135,10 +149,11 @@ def _bridge(event: Event, f: dict[str, object]) -> Row:
         json.dumps(f.get("params") or {}, sort_keys=True, default=str),
         _text(f["decision"]),
         _text(f.get("decided_by")),
+        event_id,
     )
 
 
-_BUILDERS: dict[str, Callable[[Event, dict[str, object]], Row]] = {
+_BUILDERS: dict[str, Callable[[Event, dict[str, object], str | None], Row]] = {
     "session": _session,
     "network": _network,
     "violation": _violation,

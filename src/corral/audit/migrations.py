@@ -14,6 +14,8 @@ Rules:
 History:
     1  sessions, network_events, violations, bridge_requests
     2  violations.ignored (matched an ignore rule), and indexes for `corral log` filters
+    3  event_id on every event table, unique: moving a spool into the log (spool.py) twice,
+       or again after a crash between its commit and the spool file's removal, adds nothing
 """
 
 from __future__ import annotations
@@ -100,6 +102,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX violations_path ON violations (path)",
             "CREATE INDEX bridge_session_time ON bridge_requests (session_id, time)",
             "CREATE INDEX bridge_time ON bridge_requests (time)",
+        ),
+    ),
+    Migration(
+        3,
+        "unique event ids",
+        (
+            # NULL for rows written straight to the log (they have no id); a unique index
+            # treats NULLs as distinct, so only spooled events are deduplicated.
+            "ALTER TABLE network_events ADD COLUMN event_id TEXT",
+            "ALTER TABLE violations ADD COLUMN event_id TEXT",
+            "ALTER TABLE bridge_requests ADD COLUMN event_id TEXT",
+            "CREATE UNIQUE INDEX network_event_id ON network_events (event_id)",
+            "CREATE UNIQUE INDEX violations_event_id ON violations (event_id)",
+            "CREATE UNIQUE INDEX bridge_event_id ON bridge_requests (event_id)",
         ),
     ),
 )
