@@ -162,9 +162,11 @@ def policy_digest(policy: object) -> str:
     The repr of frozen NamedTuples of str/int/bool/None/tuple is deterministic, so two runs
     with the same effective policy record the same digest.
     """
-    import hashlib
+    # hashlib's own blake2b, without hashlib: importing hashlib loads OpenSSL, ~3 ms that
+    # every `corral run` would pay for this one digest.
+    from _blake2 import blake2b
 
-    return hashlib.sha256(repr(policy).encode()).hexdigest()[:16]
+    return blake2b(repr(policy).encode(), digest_size=8).hexdigest()
 
 
 class MemorySink:
