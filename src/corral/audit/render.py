@@ -5,6 +5,8 @@ Styles:
 - "plain": columns padded with spaces, one row per line, for grep and awk;
 - "json":  one JSON object per row per line (the same as `export.write_jsonl`);
 - "auto":  "table" when `out` is a terminal, else "plain".
+`stream_events` (for `corral log --follow`) writes each row the moment it arrives instead: one
+JSON object, or one line with fixed widths for the short columns.
 
 Paths, hosts and argv come from inside the sandbox, i.e. from the code being contained. Every
 text cell is therefore escaped: a newline or an ANSI escape sequence in a file name must not
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal, TextIO
 
 from corral.audit.export import write_jsonl
@@ -36,6 +38,9 @@ EVENT_HEADERS = ("TIME", "SESSION", "KIND", "DECISION", "TARGET", "RULE", "DETAI
 VIOLATION_HEADERS = ("TIME", "SESSION", "PID", "EXECUTABLE", "OPERATION", "PATH", "RULE")
 # On a narrow terminal rich folds these long, free-form cells; the others keep their line.
 FOLDABLE = frozenset({"COMMAND", "TARGET", "DETAIL", "PATH", "RULE", "EXECUTABLE"})
+# A stream cannot measure its rows in advance, so its short columns get fixed widths: a
+# local time, a 12-character session id, the kind, the decision.
+STREAM_WIDTHS = (19, 12, 9, 8)
 
 
 def resolve_style(style: Style, out: TextIO) -> Resolved:
@@ -56,6 +61,24 @@ def render_events(rows: Sequence[EventRow], out: TextIO, *, style: Style = "auto
 def render_violations(rows: Sequence[ViolationRow], out: TextIO, *, style: Style = "auto") -> None:
     cells = [violation_cells(r) for r in rows]
     _render("Violations", VIOLATION_HEADERS, cells, rows, out, style)
+
+
+def stream_events(rows: Iterable[EventRow], out: TextIO, *, style: Style = "auto") -> int:
+    """Writes and flushes each event as it comes (a header line first, unless JSON), for rows
+    that arrive over time such as `AuditReader.follow`. Returns the number of rows."""
+    resolved = resolve_style(style, out)
+    if resolved != "json":
+        out.write(_stream_line(EVENT_HEADERS))
+        out.flush()
+    count = 0
+    for row in rows:
+        if resolved == "json":
+            write_jsonl([row], out)
+        else:
+            out.write(_stream_line([escape(cell) for cell in event_cells(row)]))
+        out.flush()
+        count += 1
+    return count
 
 
 def render_story(story: SessionStory, out: TextIO, *, style: Style = "auto") -> None:
@@ -205,6 +228,11 @@ def _render(
         _rich_table(title, headers, cells, out)
     else:
         _plain_table(headers, cells, out)
+
+
+def _stream_line(cells: Sequence[str]) -> str:
+    fixed = [cell.ljust(width) for cell, width in zip(cells, STREAM_WIDTHS, strict=False)]
+    return "  ".join([*fixed, *cells[len(fixed) :]]).rstrip() + "\n"
 
 
 def _plain_table(headers: Sequence[str], cells: Sequence[Sequence[str]], out: TextIO) -> None:
