@@ -1,31 +1,40 @@
-"""Proxy throughput, connection rate and memory, each against a direct loopback connection.
+"""The proxy as a sandbox uses it: throughput, connection rate and memory against direct loopback.
 
     .venv/bin/python bench/proxy.py [--megabytes 512] [--connections 2000] [--tunnels 1000]
-                                    [--repeat 3] [--no-srt]
+                                    [--repeat 3] [--launches 30] [--no-srt]
 
-Everything runs on this machine, in separate processes: a download server on 127.0.0.1
-(threads; `/big` sends --megabytes, `/small` a few bytes, `HOLD` keeps a connection open), the
-corral proxy server (its own process, a JSON Lines audit sink, a policy allowing 127.0.0.1)
-and the in-sandbox forwarder in front of it, as a sandbox would reach them (on the host here).
+A download server runs on the host's 127.0.0.1 in a child process (threads; `/big` sends
+--megabytes, `/small` a few bytes, `HOLD` keeps a connection open). This process holds a
+`Sandbox` with a filtered network (standard preset, `bench.test` allowed and resolved to the
+server), so the proxy runs here, in its background thread, exactly as for `corral run`. The
+clients run inside real sandboxes: curl for downloads, this file's `--client` modes (plain
+Python, standard library only) for connections and tunnels. Every connection goes in-sandbox
+client -> the launcher's forwarder -> (its socket passed over the channel) -> the proxy here
+-> the server. "direct" runs the same client on the host, straight to the server.
 
-1. Throughput: `curl -o /dev/null` downloads /big directly and through each proxy path; rounds
-   repeat --repeat times, variants interleaved, medians compared. Target: >= 0.9 of direct for
-   the tunnel paths (CONNECT and SOCKS5).
+1. Throughput: `curl -o /dev/null` of /big, directly and inside the sandbox through each proxy
+   path; rounds repeat --repeat times, medians compared. Target: >= 0.9 of direct for the
+   tunnels (CONNECT and SOCKS5, relayed with splice); plain HTTP forwarding reads the body in
+   Python and is shown for reference. So is a bare relay (blocking splice, a thread per
+   direction, in a child process): loopback-to-loopback, direct is bound by two processes'
+   copies, and any relay adds a third process and a second TCP connection; the bare relay
+   shows what that costs on this machine before any proxy work.
 2. Short connections per second: --connections request/response exchanges, 4 client threads,
-   each on a new connection, directly and through the forwarder and proxy (SOCKS5, CONNECT).
-3. Memory: the proxy's resident set size (VmRSS) idle and with --tunnels tunnels open at once
-   through the forwarder. Target: < 60 MB with 1,000 tunnels.
+   each on a new connection, directly and inside the sandbox (SOCKS5, CONNECT).
+3. Memory: this process's resident set size (VmRSS: corral, the sandbox API and the proxy)
+   idle and with --tunnels tunnels held open at once from inside. Target: < 60 MB.
+4. Launch: `Sandbox.run(["true"])` with the filtered network (the launcher runs before the
+   command) against the standard "local" network (no launcher), median of --launches.
 
 Optional comparison: when `node` and `npm` are present and `npm install
 @anthropic-ai/sandbox-runtime` works into a temporary directory, its HTTP proxy
-(`createHttpProxyServer` with a filter allowing everything) is timed as one more CONNECT path.
-Otherwise the reason it was skipped is printed.
+(`createHttpProxyServer` with a filter allowing everything) is timed on the host as one more
+CONNECT path. Otherwise the reason it was skipped is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -38,13 +47,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # corral is imported by the driver only: the clients run inside sandboxes
+    from corral.sandbox import Sandbox
 
 CHUNK = 4 * 1024 * 1024
 SMALL_BODY = b"ok\n"
 CLIENT_THREADS = 4
 THROUGHPUT_TARGET = 0.9
 RSS_TARGET_MB = 60.0
+NAME = "bench.test"
+RELAY_PIPE_SIZE = 64 * 1024  # the default pipe: no fcntl, nothing tuned
+HTTP_PROXY = "127.0.0.1:3128"
+SOCKS_PROXY = "127.0.0.1:1080"
 
 
 # --- the download server (a child process) ---------------------------------------------------
@@ -93,98 +109,38 @@ def serve_downloads(size: int) -> None:
         server.serve_forever()
 
 
-# --- the proxy (a child process) -------------------------------------------------------------
+# --- a reference relay (a child process) -----------------------------------------------------
 
 
-def serve_proxy(directory: str) -> None:
-    from corral.audit.events import JsonLinesSink
-    from corral.policy.model import NetworkPolicy, Origin, Rule
-    from corral.proxy.server import ProxyServer
-
-    policy = NetworkPolicy("filtered", allowed_domains=(Rule("127.0.0.1", Origin("bench")),))
-    sink = JsonLinesSink(os.path.join(directory, "audit.jsonl"))
-    server = ProxyServer(
-        policy=policy, sink=sink, sandbox_id="bench", socket_dir=os.path.join(directory, "s")
-    )
-    endpoints = server.start()
-    print(json.dumps(endpoints._asdict()), flush=True)
-    sys.stdin.read()  # until the benchmark closes our stdin
-    server.stop()
-    sink.close()
+def _splice_one_way(src: socket.socket, dst: socket.socket) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        while count := os.splice(src.fileno(), write_end, RELAY_PIPE_SIZE):
+            while count:
+                count -= os.splice(read_end, dst.fileno(), count)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
-# --- measuring -------------------------------------------------------------------------------
+def serve_relay(target_port: int) -> None:
+    """The least a userspace relay can do: blocking splice, a thread per direction, no
+    parsing, no policy. What it reaches is the ceiling for any proxy on this machine."""
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        print(listener.getsockname()[1], flush=True)
+        while True:
+            client, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_splice_one_way, args=(a, b), daemon=True).start()
 
 
-class Paths(NamedTuple):
-    server_port: int
-    http_port: int
-    socks_port: int
-    socks_socket: str
-    srt_port: int | None
-
-
-def curl_speed(args: list[str], url: str) -> float:
-    """Bytes per second of one download, as curl measured it."""
-    result = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}", *args, url],
-        capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]},
-    )  # fmt: skip
-    return float(result.stdout)
-
-
-def throughput_variants(paths: Paths) -> dict[str, list[str]]:
-    via_http = f"http://127.0.0.1:{paths.http_port}"
-    variants = {
-        "direct": [],
-        "CONNECT via forwarder": ["-p", "-x", via_http],
-        "SOCKS5 via forwarder": ["--socks5-hostname", f"127.0.0.1:{paths.socks_port}"],
-        "SOCKS5 on the unix socket": ["--proxy", f"socks5h://localhost{paths.socks_socket}"],
-        "plain HTTP via forwarder": ["-x", via_http],
-    }
-    if paths.srt_port is not None:
-        variants["sandbox-runtime CONNECT (TCP)"] = [
-            "-p",
-            "-x",
-            f"http://127.0.0.1:{paths.srt_port}",
-        ]
-    return variants
-
-
-def measure_throughput(paths: Paths, repeat: int) -> dict[str, float]:
-    url = f"http://127.0.0.1:{paths.server_port}/big"
-    variants = throughput_variants(paths)
-    speeds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeat):
-        for name, args in variants.items():
-            speeds[name].append(curl_speed(args, url))
-    return {name: statistics.median(values) for name, values in speeds.items()}
-
-
-def _exchange_direct(port: int) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
-        _read_to_end(sock)
-
-
-def _exchange_socks(socks_port: int, port: int) -> None:
-    with socket.create_connection(("127.0.0.1", socks_port)) as sock:
-        sock.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big"))
-        reply = _read_exactly(sock, 12)
-        assert reply[3] == 0, reply
-        sock.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
-        _read_to_end(sock)
-
-
-def _exchange_connect(http_port: int, port: int) -> None:
-    with socket.create_connection(("127.0.0.1", http_port)) as sock:
-        sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(4096)
-        assert head.startswith(b"HTTP/1.1 200"), head
-        sock.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
-        _read_to_end(sock)
+# --- the clients (inside a sandbox, or on the host for "direct") -----------------------------
 
 
 def _read_exactly(sock: socket.socket, count: int) -> bytes:
@@ -202,42 +158,190 @@ def _read_to_end(sock: socket.socket) -> None:
         pass
 
 
-def connections_per_second(exchange: Callable[[], None], count: int) -> float:
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def _socks(port: int) -> socket.socket:
+    sock = socket.create_connection(_address(SOCKS_PROXY))
+    name = NAME.encode()
+    request = b"\x05\x01\x00\x03" + bytes((len(name),)) + name + port.to_bytes(2, "big")
+    sock.sendall(b"\x05\x01\x00" + request)
+    reply = _read_exactly(sock, 12)
+    if reply[3] != 0:
+        raise ConnectionError(f"SOCKS5 reply {reply[3]}")
+    return sock
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(_address(HTTP_PROXY))
+    sock.sendall(f"CONNECT {NAME}:{port} HTTP/1.1\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise ConnectionError(head[:40].decode(errors="replace"))
+    return sock
+
+
+def open_to(via: str, port: int) -> socket.socket:
+    if via == "socks":
+        return _socks(port)
+    if via == "connect":
+        return _connect(port)
+    return socket.create_connection(("127.0.0.1", port))
+
+
+def client_rate(via: str, port: int, count: int) -> None:
+    """Print exchanges per second: `count` exchanges, each on a new connection."""
     per_thread = count // CLIENT_THREADS
 
     def worker() -> None:
         for _ in range(per_thread):
-            exchange()
+            with open_to(via, port) as sock:
+                sock.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+                _read_to_end(sock)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(CLIENT_THREADS) as pool:
         for future in [pool.submit(worker) for _ in range(CLIENT_THREADS)]:
             future.result()
-    return per_thread * CLIENT_THREADS / (time.perf_counter() - start)
+    print(per_thread * CLIENT_THREADS / (time.perf_counter() - start), flush=True)
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def open_tunnels(paths: Paths, count: int) -> list[socket.socket]:
-    tunnels = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", paths.socks_port))
-        sock.sendall(
-            b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + paths.server_port.to_bytes(2, "big")
-        )
-        tunnels.append(sock)
+def client_hold(port: int, count: int) -> None:
+    """Open `count` SOCKS5 tunnels, print "held" once all are established, keep them until
+    stdin closes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, count + 256), hard), hard))
+    tunnels = [_socks(port) for _ in range(count)]
     for sock in tunnels:
-        assert _read_exactly(sock, 12)[3] == 0
         sock.sendall(b"HOLD")
     for sock in tunnels:
         assert _read_exactly(sock, 5) == b"held\n"
-    return tunnels
+    print("held", flush=True)
+    sys.stdin.read()
+    for sock in tunnels:
+        sock.close()
+
+
+# --- the sandbox ------------------------------------------------------------------------------
+
+
+def make_sandbox(scratch: str, *, filtered: bool) -> tuple[Sandbox, dict[str, str]]:
+    """A Sandbox on a scratch workspace; `filtered`: the proxy allows bench.test only."""
+    from corral.audit.events import JsonLinesSink
+    from corral.hostpaths import host_paths
+    from corral.policy.model import NetworkPolicy, Origin, Rule
+    from corral.policy.presets import preset_policy
+    from corral.sandbox import Sandbox
+
+    home = f"{scratch}/home"
+    os.makedirs(f"{home}/project", exist_ok=True)
+    env = {"HOME": home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        env[name] = f"{scratch}/{name.lower()}"
+    policy = preset_policy("standard", host_paths(f"{home}/project", env))
+    if not filtered:
+        return Sandbox(policy), env
+    allowed = tuple(Rule(v, Origin("bench")) for v in (NAME, "127.0.0.1"))
+    policy = policy._replace(network=NetworkPolicy("filtered", allowed_domains=allowed))
+    sink = JsonLinesSink(f"{scratch}/audit.jsonl")  # constant memory, unlike a MemorySink
+    return Sandbox(policy, sink=sink, resolver=lambda host: ["127.0.0.1"]), env
+
+
+def inside(sandbox: Sandbox, env: dict[str, str], argv: list[str]) -> str:
+    result = sandbox.run(argv, env=env, capture_output=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{argv[:3]} failed inside: {(result.stderr or b'').decode()}")
+    return (result.stdout or b"").decode()
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def curl_args(via: str) -> list[str]:
+    return {
+        "HTTP proxy (plain)": [],  # HTTP_PROXY from the sandbox's environment
+        "CONNECT": ["-p"],
+        "SOCKS5": ["--socks5-hostname", SOCKS_PROXY],
+    }[via]
+
+
+def measure_throughput(
+    sandbox: Sandbox, env: dict[str, str], ports: tuple[int, int], repeat: int, srt: int | None
+) -> dict[str, float]:
+    """Median bytes/s per path; `ports` are the download server's and the reference relay's."""
+    port, relay_port = ports
+    curl = ["curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}"]
+    speeds: dict[str, list[float]] = {}
+
+    def on_host(name: str, args: list[str], url: str) -> None:
+        done = subprocess.run([*curl, *args, url], capture_output=True, text=True, check=True)
+        speeds.setdefault(name, []).append(float(done.stdout))
+
+    for _ in range(repeat):
+        on_host("direct (host)", [], f"http://127.0.0.1:{port}/big")
+        on_host("reference: bare splice relay (host)", [], f"http://127.0.0.1:{relay_port}/big")
+        for via in ("CONNECT", "SOCKS5", "HTTP proxy (plain)"):
+            out = inside(sandbox, env, [*curl, *curl_args(via), f"http://{NAME}:{port}/big"])
+            speeds.setdefault(f"{via} from the sandbox", []).append(float(out))
+        if srt is not None:
+            proxy = ["-p", "-x", f"http://127.0.0.1:{srt}"]
+            on_host("sandbox-runtime CONNECT (host)", proxy, f"http://127.0.0.1:{port}/big")
+    return {name: statistics.median(values) for name, values in speeds.items()}
+
+
+def measure_rates(sandbox: Sandbox, env: dict[str, str], port: int, count: int) -> dict[str, float]:
+    client = [sys.executable, os.path.abspath(__file__), "--client", "rate"]
+    args = ["--port", str(port), "--count", str(count)]
+    direct = subprocess.run([*client, *args, "--via", "direct"], capture_output=True, text=True)
+    rates = {"direct (host)": float(direct.stdout)}
+    python = os.path.realpath(sys.executable)  # the venv's link may not resolve inside
+    for via, name in (("socks", "SOCKS5"), ("connect", "CONNECT")):
+        argv = [python, os.path.abspath(__file__), "--client", "rate", *args, "--via", via]
+        rates[f"{name} from the sandbox"] = float(inside(sandbox, env, argv))
+    return rates
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def measure_rss(
+    sandbox: Sandbox, env: dict[str, str], port: int, tunnels: int
+) -> tuple[float, float]:
+    """(idle MB, MB with `tunnels` open) of this process."""
+    idle = rss_mb()
+    python = os.path.realpath(sys.executable)
+    argv = [python, os.path.abspath(__file__), "--client", "hold"]
+    argv += ["--port", str(port), "--count", str(tunnels)]
+    proc = sandbox.spawn(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    line = proc.stdout.readline()
+    if line != b"held\n":
+        proc.kill()
+        raise RuntimeError(f"the tunnel holder printed {line!r}")
+    busy = rss_mb()
+    proc.stdin.close()
+    proc.wait()
+    return idle, busy
+
+
+def measure_launch(filtered: Sandbox, local: Sandbox, env: dict[str, str], n: int) -> list[float]:
+    """Median milliseconds of Sandbox.run(["true"]), with the proxy's launcher and without."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(n):
+        for index, sandbox in enumerate((filtered, local)):
+            start = time.perf_counter()
+            sandbox.run(["true"], env=env)
+            times[index].append((time.perf_counter() - start) * 1000)
+    return [statistics.median(times[0]), statistics.median(times[1])]
 
 
 # --- sandbox-runtime (optional) --------------------------------------------------------------
@@ -283,14 +387,6 @@ def start_srt(scratch: str) -> tuple[subprocess.Popen[str] | None, int | None, s
 # --- the run ---------------------------------------------------------------------------------
 
 
-def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None
-    return process, process.stdout.readline().strip()
-
-
 def raise_fd_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
@@ -301,87 +397,84 @@ def verdict(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def table(
+    rows: dict[str, float], unit: str, scale: float, *, target: Callable[[str], bool]
+) -> None:
+    base = next(iter(rows.values()))
+    print(f"| path | {unit} | / direct | >= {THROUGHPUT_TARGET} |\n|---|---|---|---|")
+    for name, value in rows.items():
+        ratio = value / base
+        mark = verdict(ratio >= THROUGHPUT_TARGET) if target(name) else ""
+        print(f"| {name} | {value / scale:.0f} | {ratio:.2f} | {mark} |")
+
+
 def run(args: argparse.Namespace) -> None:
-    raise_fd_limit(args.tunnels * 4 + 1024)  # inherited by the children
-    scratch = tempfile.mkdtemp(prefix="corral-bench-proxy-")
+    raise_fd_limit(args.tunnels * 4 + 1024)
+    scratch = tempfile.mkdtemp(prefix="corral-bench-proxy-", dir="/var/tmp")
     children: list[subprocess.Popen[str]] = []
+
+    def start_child(*flags: str) -> int:
+        """Start this file with `flags` and return the port it prints."""
+        process = subprocess.Popen(
+            [sys.executable, __file__, *flags], stdout=subprocess.PIPE, text=True
+        )
+        children.append(process)
+        assert process.stdout is not None
+        return int(process.stdout.readline())
+
     try:
-        server, port = _spawn([__file__, "--serve-downloads", str(args.megabytes << 20)])
-        proxy, endpoints_json = _spawn([__file__, "--serve-proxy", scratch])
-        children += [server, proxy]
-        endpoints = json.loads(endpoints_json)
-        forwarder, ready = _spawn(
-            ["-m", "corral.proxy.forwarder", f"0={endpoints['http_socket']}",
-             f"0={endpoints['socks_socket']}"]
-        )  # fmt: skip
-        children.append(forwarder)
-        _, http_port, socks_port = ready.split()
-        srt = None
-        srt_port: int | None = None
+        port = start_child("--serve-downloads", str(args.megabytes << 20))
+        relay_port = start_child("--serve-relay", str(port))
+        srt_port = None
         if args.no_srt:
             print("sandbox-runtime: skipped (--no-srt)")
         else:
             srt, srt_port, why = start_srt(scratch)
-            if srt is None:
-                print(f"sandbox-runtime: skipped: {why}")
-            else:
-                children.append(srt)
-        paths = Paths(
-            int(port), int(http_port), int(socks_port), endpoints["socks_socket"], srt_port
-        )
-        report(args, paths, proxy.pid, forwarder.pid)
+            print(f"sandbox-runtime: skipped: {why}" if srt is None else "sandbox-runtime: on")
+            children += [srt] if srt is not None else []
+        filtered, env = make_sandbox(scratch, filtered=True)
+        local, _ = make_sandbox(scratch, filtered=False)
+        with filtered, local:
+            report(args, filtered, local, env, (port, relay_port), srt_port)
     finally:
         for child in children:
-            if child.stdin is not None:
-                child.stdin.close()
             child.terminate()
             child.wait()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def report(args: argparse.Namespace, paths: Paths, proxy_pid: int, forwarder_pid: int) -> None:
+def report(
+    args: argparse.Namespace,
+    filtered: Sandbox,
+    local: Sandbox,
+    env: dict[str, str],
+    ports: tuple[int, int],
+    srt_port: int | None,
+) -> None:
+    port = ports[0]
     python = sys.version.split()[0]
     print(f"machine: {os.cpu_count()} CPUs, Linux {os.uname().release}, Python {python}")
     print(f"\n## Throughput: {args.megabytes} MB download with curl, median of {args.repeat}\n")
-    speeds = measure_throughput(paths, args.repeat)
-    direct = speeds["direct"]
-    print("| path | MB/s | / direct | >= 0.9 |\n|---|---|---|---|")
-    for name, speed in speeds.items():
-        ratio = speed / direct
-        target = (
-            verdict(ratio >= THROUGHPUT_TARGET)
-            if "via forwarder" in name and "plain" not in name
-            else ""
-        )
-        print(f"| {name} | {speed / 1e6:.0f} | {ratio:.2f} | {target} |")
+    speeds = measure_throughput(filtered, env, ports, args.repeat, srt_port)
+    tunnels = ("CONNECT from the sandbox", "SOCKS5 from the sandbox")
+    table(speeds, "MB/s", 1e6, target=lambda name: name in tunnels)
 
     exchanges = f"{args.connections} request/response exchanges"
     print(f"\n## Short connections: {exchanges}, {CLIENT_THREADS} threads\n")
-    rates = {
-        "direct": connections_per_second(
-            lambda: _exchange_direct(paths.server_port), args.connections
-        ),
-        "SOCKS5 via forwarder": connections_per_second(
-            lambda: _exchange_socks(paths.socks_port, paths.server_port), args.connections
-        ),
-        "CONNECT via forwarder": connections_per_second(
-            lambda: _exchange_connect(paths.http_port, paths.server_port), args.connections
-        ),
-    }
+    rates = measure_rates(filtered, env, port, args.connections)
     print("| path | connections/s | / direct |\n|---|---|---|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.0f} | {rate / rates['direct']:.2f} |")
+        print(f"| {name} | {rate:.0f} | {rate / rates['direct (host)']:.2f} |")
 
-    idle_proxy, idle_forwarder = rss_mb(proxy_pid), rss_mb(forwarder_pid)
-    tunnels = open_tunnels(paths, args.tunnels)
-    busy_proxy, busy_forwarder = rss_mb(proxy_pid), rss_mb(forwarder_pid)
-    for sock in tunnels:
-        sock.close()
-    print(f"\n## Memory (VmRSS) with {args.tunnels} open tunnels through the forwarder\n")
-    print("| process | idle MB | with tunnels MB | < 60 MB |\n|---|---|---|---|")
-    ok = verdict(busy_proxy < RSS_TARGET_MB)
-    print(f"| proxy server | {idle_proxy:.1f} | {busy_proxy:.1f} | {ok} |")
-    print(f"| forwarder | {idle_forwarder:.1f} | {busy_forwarder:.1f} | |")
+    idle, busy = measure_rss(filtered, env, port, args.tunnels)
+    print(f"\n## Memory (VmRSS of corral with its proxy), {args.tunnels} tunnels from inside\n")
+    print(f"| idle MB | with tunnels MB | < {RSS_TARGET_MB:.0f} MB |\n|---|---|---|")
+    print(f"| {idle:.1f} | {busy:.1f} | {verdict(busy < RSS_TARGET_MB)} |")
+
+    with_proxy, without = measure_launch(filtered, local, env, args.launches)
+    print(f"\n## Launch: Sandbox.run(['true']), median of {args.launches}\n")
+    print("| network | ms |\n|---|---|")
+    print(f"| filtered (proxy launcher) | {with_proxy:.1f} |\n| local (none) | {without:.1f} |")
 
 
 def main() -> None:
@@ -390,14 +483,23 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--tunnels", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--launches", type=int, default=30)
     parser.add_argument("--no-srt", action="store_true", help="skip sandbox-runtime")
     parser.add_argument("--serve-downloads", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-proxy", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-relay", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--client", choices=["rate", "hold"], help=argparse.SUPPRESS)
+    parser.add_argument("--via", choices=["direct", "socks", "connect"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_downloads is not None:
         serve_downloads(args.serve_downloads)
-    elif args.serve_proxy is not None:
-        serve_proxy(args.serve_proxy)
+    elif args.serve_relay is not None:
+        serve_relay(args.serve_relay)
+    elif args.client == "rate":
+        client_rate(args.via, args.port, args.count)
+    elif args.client == "hold":
+        client_hold(args.port, args.count)
     else:
         run(args)
 
