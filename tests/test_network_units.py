@@ -7,7 +7,7 @@ import pytest
 
 from corral.audit.events import Event, MemorySink, network_event
 from corral.errors import UsageError
-from corral.network import needs_proxy, start_network
+from corral.network import add_network_environment, needs_proxy, start_network
 from corral.policy.model import NetworkAccess, NetworkPolicy, Origin, Policy, Rule
 from corral.policy.presets import preset_policy
 from corral.proxy.launcher import launcher_argv, parse_args
@@ -73,6 +73,33 @@ def test_proxy_environment() -> None:
 
 
 @pytest.mark.parametrize(
+    ("theirs", "expected"),
+    [
+        ({"A": "1"}, {"A": "1", "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.proxy"}),
+        ({"GIT_CONFIG_COUNT": "0"}, {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.proxy"}),
+        (
+            {"GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "a.b", "GIT_CONFIG_KEY_1": "http.proxy"},
+            {
+                "GIT_CONFIG_COUNT": "3",
+                "GIT_CONFIG_KEY_0": "a.b",
+                "GIT_CONFIG_KEY_1": "http.proxy",
+                "GIT_CONFIG_KEY_2": "http.proxy",
+                "GIT_CONFIG_VALUE_2": "http://127.0.0.1:3128",
+            },
+        ),
+    ],
+    ids=["none", "zero", "two"],
+)
+def test_git_config_entries_follow_the_callers(
+    theirs: dict[str, str], expected: dict[str, str]
+) -> None:
+    env = dict(theirs)
+    add_network_environment(env, proxy_environment(3128, 1080))
+    assert env.items() >= expected.items()
+    assert env["HTTP_PROXY"] == "http://127.0.0.1:3128"
+
+
+@pytest.mark.parametrize(
     ("extra", "expected"),
     [
         ({}, [("h", 3128), ("s", 1080)]),
@@ -87,7 +114,13 @@ def test_listen_plan(layout: Layout, extra: dict[str, object], expected: list[ob
 
 @pytest.mark.parametrize(
     "extra",
-    [{"host_ports": (3128,)}, {"http_proxy_port": 1080}, {"socks_proxy_port": 3128}],
+    [
+        {"host_ports": (3128,)},
+        {"http_proxy_port": 1080},
+        {"socks_proxy_port": 3128},
+        {"host_ports": (5432,), "publish_ports": (5432,)},
+        {"publish_ports": (1080,)},
+    ],
 )
 def test_listen_plan_refuses_shared_ports(layout: Layout, extra: dict[str, object]) -> None:
     policy = _policy(layout, NetworkPolicy("filtered", **extra))  # type: ignore[arg-type]

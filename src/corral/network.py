@@ -65,6 +65,27 @@ def needs_proxy(policy: Policy) -> bool:
     )
 
 
+def add_network_environment(env: dict[str, str], network_env: dict[str, str]) -> None:
+    """Add a command's network variables to `env`. git config entries passed in the
+    environment (GIT_CONFIG_COUNT, GIT_CONFIG_KEY_n, GIT_CONFIG_VALUE_n) are numbered after
+    the caller's own, not over them: the caller's stay, and for a key both set, git takes
+    the later one, the proxy's."""
+    extra = dict(network_env)
+    theirs = env.get("GIT_CONFIG_COUNT", "")
+    ours = extra.pop("GIT_CONFIG_COUNT", "")
+    if ours and theirs.isdigit() and int(theirs) > 0:
+        start = int(theirs)
+        for index in range(int(ours)):
+            for part in ("KEY", "VALUE"):
+                extra[f"GIT_CONFIG_{part}_{start + index}"] = extra.pop(
+                    f"GIT_CONFIG_{part}_{index}"
+                )
+        ours = str(start + int(ours))
+    if ours:
+        extra["GIT_CONFIG_COUNT"] = ours
+    env.update(extra)
+
+
 def write_to_stderr(line: str) -> None:
     """The default `Notify`: corral's stderr, which is the sandboxed command's terminal."""
     sys.stderr.write(line + "\n")

@@ -66,14 +66,15 @@ def proxy_environment(http_port: int, socks_port: int) -> dict[str, str]:
 
 def listen_plan(policy: Policy) -> list[tuple[str, int]]:
     """The launcher's listeners: (kind, port) for the HTTP proxy, SOCKS5 and each host port.
-    UsageError when two would share a port."""
+    UsageError when two would share a port inside, a published port included (the command
+    could not listen on a port the forwarder holds)."""
     network = policy.network
     http = network.http_proxy_port or DEFAULT_HTTP_PROXY_PORT
     socks = network.socks_proxy_port or DEFAULT_SOCKS_PROXY_PORT
     plan = [("h", http), ("s", socks), *(("p", port) for port in dict.fromkeys(network.host_ports))]
+    names = {"h": "httpProxyPort", "s": "socksProxyPort", "p": "hostPorts", "o": "publishPorts"}
     seen: dict[int, str] = {}
-    names = {"h": "httpProxyPort", "s": "socksProxyPort", "p": "hostPorts"}
-    for kind, port in plan:
+    for kind, port in [*plan, *(("o", port) for port in dict.fromkeys(network.publish_ports))]:
         if port in seen:
             raise UsageError(
                 f"port {port} is both network.{seen[port]} and network.{names[kind]}",
