@@ -224,9 +224,10 @@ def test_ask_always_is_asked_once(servers: Servers) -> None:
             assert reply == 0
         assert [r.host for r in asked] == ["asked.test"]
         wait_for(lambda: len(events_for(sink, "asked.test")) == 2)
-        assert [e["rule"] for e in events_for(sink, "asked.test")] == [
-            "ask: always",
+        # Each tunnel is recorded when it ends, and the two may end in either order.
+        assert sorted(e["rule"] for e in events_for(sink, "asked.test")) == [
             "allowedDomains: asked.test",
+            "ask: always",
         ]
 
 
