@@ -82,6 +82,18 @@ def _add_demo(commands: Subparsers) -> None:
     commands.add_parser("demo", help="show four blocked attempts next to an allowed write")
 
 
+def _add_log(commands: Subparsers) -> None:
+    from corral.cli_log import add_log_command
+
+    add_log_command(commands)
+
+
+def _add_violations(commands: Subparsers) -> None:
+    from corral.cli_log import add_violations_command
+
+    add_violations_command(commands)
+
+
 # Each command adds its own parser, so that `corral run` builds only the parser it needs:
 # argparse costs about a millisecond per argument on the launch path.
 COMMANDS: dict[str, Callable[[Subparsers], None]] = {
@@ -89,6 +101,8 @@ COMMANDS: dict[str, Callable[[Subparsers], None]] = {
     "doctor": _add_doctor,
     "policy": _add_policy,
     "demo": _add_demo,
+    "log": _add_log,
+    "violations": _add_violations,
 }
 
 
@@ -212,7 +226,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
-HANDLERS = {"run": cmd_run, "doctor": cmd_doctor, "policy": cmd_policy, "demo": cmd_demo}
+def cmd_log(args: argparse.Namespace) -> int:
+    from corral.cli_log import cmd_log as log
+
+    return log(args)
+
+
+def cmd_violations(args: argparse.Namespace) -> int:
+    from corral.cli_log import cmd_violations as violations
+
+    return violations(args)
+
+
+HANDLERS = {
+    "run": cmd_run,
+    "doctor": cmd_doctor,
+    "policy": cmd_policy,
+    "demo": cmd_demo,
+    "log": cmd_log,
+    "violations": cmd_violations,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

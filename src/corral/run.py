@@ -21,6 +21,14 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import IO
 
+from corral.audit.events import violation_event
+from corral.audit.record import (
+    children_usage,
+    record_session_end,
+    record_session_start,
+    usage_since,
+)
+from corral.audit.spool import SpoolSink, spool_directory
 from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
 from corral.policy.model import Policy
 from corral.process import SandboxProcess
@@ -37,7 +45,15 @@ def run_in_terminal(
     if timeout is None:
         timeout = policy.limits.timeout_seconds
     watch = not quiet and not os.isatty(2)
-    proc = Sandbox(policy).spawn(argv, stderr=subprocess.PIPE if watch else None)
+    # Audit records go to an append-only spool on the launch path (cheap, nothing lost when
+    # corral is killed); `corral log` moves them into the SQLite log when it reads.
+    spool = SpoolSink(spool_directory(policy.host), os.urandom(6).hex())
+    sandbox = Sandbox(policy, sink=spool)
+    before = children_usage()
+    proc = sandbox.spawn(argv, stderr=subprocess.PIPE if watch else None)
+    record_session_start(
+        spool, proc.sandbox_id, policy=policy, argv=argv, cwd=os.getcwd(), backend=sandbox.backend
+    )
     relay = _StderrRelay(proc, policy) if watch else None
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -61,6 +77,21 @@ def run_in_terminal(
         relay.join()
         for crumb in relay.breadcrumbs:
             print(f"corral: blocked {crumb}", file=sys.stderr)
+            # Seen in the command's own error output, so no pid or executable: the kernel-side
+            # monitor (the audit issue) records those.
+            spool.emit(
+                violation_event(
+                    proc.sandbox_id,
+                    pid=0,
+                    executable="",
+                    operation=crumb.access,
+                    path=crumb.path,
+                    rule=crumb.because,
+                )
+            )
+    record_session_end(spool, proc.sandbox_id, exit_code=status, resource_usage=usage_since(before))
+    spool.close()
+    sandbox.close()
     return status
 
 

@@ -264,6 +264,11 @@ class Sandbox:
         self._network_started = False
         self._backend: Literal["bwrap", "landlock"] | None = None
 
+    @property
+    def backend(self) -> str:
+        """ "bwrap" or "landlock" once a command has been started; "" before."""
+        return self._backend or ""
+
     def network(self) -> NetworkService | None:
         """The proxy shared by this Sandbox's commands, started on first use (None: no proxy)."""
         if not self._network_started:

@@ -205,10 +205,16 @@ def preset_policy(mode: Mode, host: HostPaths) -> Policy:
         private_tmp = True
         package_cache = cache
     deny_origin = Origin(BUILT_IN, "credential stores")
+    # corral's own records (the audit log and its spool) hold past commands and are nobody
+    # else's business: hidden, as credential stores are.
+    own_records = Rule(host.state_dir, Origin(BUILT_IN, "corral's records"))
     filesystem = FilesystemPolicy(
         read=read,
         write=write,
-        deny_read=tuple(Rule(_expand(p, host.home), deny_origin) for p in DEFAULT_DENY_READ),
+        deny_read=(
+            *(Rule(_expand(p, host.home), deny_origin) for p in DEFAULT_DENY_READ),
+            own_records,
+        ),
         deny_write=mandatory_deny_write(host),
         private_tmp=private_tmp,
     )
