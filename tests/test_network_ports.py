@@ -129,3 +129,38 @@ def test_published_port_needs_a_running_command(layout: Layout) -> None:
             assert recv_all(client) == b""
     errors = [e.fields["error"] for e in sink.of_kind("network")]
     assert errors == ["no sandboxed command is running"]
+
+
+SERVE_MANY = """
+import socket, sys
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=128)
+print("listening", flush=True)
+for _ in range(int(sys.argv[2])):
+    conn, _ = server.accept()
+    conn.sendall(b"inside")
+    conn.close()
+"""
+BURST = 40  # requests in flight on one channel at once, each answer matched by its id
+
+
+def test_a_burst_of_published_connections_all_arrive(layout: Layout) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = _free_port()
+    policy = filtered_policy(layout, publish_ports=(port,))
+    sink = MemorySink()
+
+    def fetch(_: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            return recv_all(client)
+
+    with Sandbox(policy, resolver=resolve, sink=sink) as sandbox:
+        argv = ["python3", "-c", SERVE_MANY, str(port), str(BURST)]
+        with sandbox.spawn(argv, env=layout.env, stdout=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"listening\n"
+            with ThreadPoolExecutor(BURST) as pool:
+                answers = list(pool.map(fetch, range(BURST)))
+            assert proc.wait(timeout=20) == 0
+    assert answers == [b"inside"] * BURST
+    assert [e.fields["error"] for e in sink.of_kind("network")] == [""] * BURST

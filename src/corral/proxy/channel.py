@@ -157,8 +157,10 @@ class Channel:
         self._pending[ident] = future
         sock: socket.socket | None = None
         try:
-            self.sock.send(encode_request(ident, port))
             async with asyncio.timeout(self.ctx.limits.connect_timeout):
+                # Waits for room should the socket's send buffer ever be full, rather than
+                # failing the connection.
+                await self._loop.sock_sendall(self.sock, encode_request(ident, port))
                 sock = await future
                 await _writable(sock)
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
