@@ -12,7 +12,14 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import Layout
-from tests.test_network_support import Canary, Servers, World, filtered_world, loopback_servers
+from tests.test_network_support import (
+    Canary,
+    Servers,
+    World,
+    filtered_policy,
+    filtered_world,
+    loopback_servers,
+)
 from tests.test_proxy_support import ALLOWED_ADDRESS
 
 pytestmark = pytest.mark.usefixtures("sandbox_available")
@@ -187,3 +194,13 @@ def test_the_command_holds_no_channel_or_launcher_fd(world: World) -> None:
     listing = (result.stdout or b"").decode()
     assert "socket:" not in listing
     assert "memfd:corral-proxy-launcher" not in listing
+
+
+def test_a_host_port_below_1024_stops_the_launch_with_a_reason(
+    layout: Layout, servers: Servers
+) -> None:
+    policy = filtered_policy(layout, host_ports=(80,))
+    with filtered_world(layout, servers, policy) as world:
+        code, out, err, _ = world.run("echo ran")
+    assert (code, out) == (125, "")
+    assert "cannot listen on 127.0.0.1:80: Permission denied (ports below 1024" in err

@@ -249,7 +249,10 @@ def main(argv: list[str], *, script_fd: int | None) -> int:
         for kind, port in listens:
             listeners.append((kind, listen(port)))
     except OSError as exc:
-        sys.stderr.write(f"corral: cannot listen on {LISTEN_HOST}:{port}: {exc.strerror}\n")
+        why = exc.strerror
+        if exc.errno == errno.EACCES and port < 1024:
+            why = f"{why} (ports below 1024 need a privilege no sandbox has)"
+        sys.stderr.write(f"corral: cannot listen on {LISTEN_HOST}:{port}: {why}\n")
         return EXIT_LAUNCHER
     forwarder = Forwarder(channel, listeners)
     if command is None:
