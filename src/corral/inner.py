@@ -346,12 +346,15 @@ def main(argv: list[str]) -> int:
     """`[--reset-terminal-signals] --rules FD -- CMD...`: apply the rules read from FD, then
     exec CMD (no return). With the flag, SIGINT and SIGQUIT go back to their defaults first:
     corral starts bwrap with them ignored when the command shares the user's terminal."""
-    if argv[:1] == ["--reset-terminal-signals"]:
-        import signal
+    import _signal  # type: ignore[import-not-found]  # the C module: no enum import
 
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    # Python ignores SIGPIPE and SIGXFSZ for itself; the command must not inherit that.
+    resets = [_signal.SIGPIPE, _signal.SIGXFSZ]
+    if argv[:1] == ["--reset-terminal-signals"]:
+        resets += [_signal.SIGINT, _signal.SIGQUIT]
         argv = argv[1:]
+    for number in resets:
+        _signal.signal(number, _signal.SIG_DFL)
     if len(argv) < 4 or argv[0] != "--rules" or argv[2] != "--" or not argv[1].isdigit():
         sys.stderr.write("corral-inner: usage: [--reset-terminal-signals] --rules FD -- CMD\n")
         return EXIT_LAUNCHER

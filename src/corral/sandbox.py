@@ -38,7 +38,13 @@ from corral.backends.placeholders import create_placeholders, remove_placeholder
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
 from corral.errors import LaunchError, SandboxUnavailable, UsageError
 from corral.inner import compiled_script, script_argv
-from corral.network import Ask, NetworkService, Resolver, start_network
+from corral.network import (
+    Ask,
+    NetworkService,
+    Resolver,
+    add_network_environment,
+    start_network,
+)
 from corral.policy.environment import scrub_environment
 from corral.policy.model import Policy
 from corral.policy.paths import is_within
@@ -92,9 +98,14 @@ def sandbox_environment(policy: Policy, environ: Mapping[str, str]) -> dict[str,
 # - session "inherit": the command must stay in the terminal's foreground group, so bwrap is
 #   started with SIGINT and SIGQUIT ignored, and a one-line shim restores them to the default
 #   just before exec'ing the command (an ignored signal would otherwise be inherited).
+# The launcher for a command that shares the user's terminal when there is no Landlock
+# launcher to do it: SIGINT and SIGQUIT back to their defaults (bwrap starts with them
+# ignored), and SIGPIPE and SIGXFSZ too, which Python ignores for itself and an exec'd command
+# would otherwise inherit (`yes | head` would see EPIPE instead of dying).
 _RESET_TERMINAL_SIGNALS = (
-    "import os, signal, sys; signal.signal(2, signal.SIG_DFL); signal.signal(3, signal.SIG_DFL);"
-    "os.execvp(sys.argv[1], sys.argv[1:])"
+    "import _signal, os, sys\n"
+    "for n in (2, 3, 13, 25): _signal.signal(n, _signal.SIG_DFL)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
 )
 
 
@@ -405,77 +416,84 @@ class Sandbox:
                 sandbox_id=sandbox_id,
             )
         network = self.network()
-        command_net = network.for_command(sandbox_id) if network is not None else None
-        if command_net is not None:
-            argv = [*command_net.argv_prefix, *argv]
         empty_file = self._prepare_host()
         plan = plan_filesystem(policy, gather_disk_facts(policy))
         rlimits = launch_rlimits(policy.limits, facts)
         # Limits go on the sandbox's pid 1 while bwrap waits at --block-fd: set there, the
         # process limit counts the sandbox's own user namespace only (Linux >= 5.14).
         held = apply_point(facts) == "sandbox-init"
-        status_r, status_w = os.pipe()
-        gate_r, gate_w = os.pipe() if held else (None, None)
-        seccomp_fd = open_program_fd(self.seccomp_program())
-        options = BwrapOptions(
-            cwd=workdir,
-            uid=os.getuid(),
-            gid=os.getgid(),
-            session=session,
-            bwrap_version=facts.bwrap_version or (0, 0, 0),
-            seccomp_fd=seccomp_fd,
-            status_fd=status_w,
-            block_fd=gate_r,
-            empty_file=empty_file,
-        )
-        landlock_fds: tuple[int, ...] = ()
-        if facts.landlock_abi > 0:
-            # The second wall: Landlock, applied inside by corral.inner just before the exec.
-            landlock_fds = self._landlock_fds(plan, facts.landlock_abi)
-            inner_argv = script_argv(
-                os.path.realpath(sys.executable),
-                script_fd=landlock_fds[0],
-                rules_fd=landlock_fds[1],
-                command=list(argv),
-                reset_terminal_signals=inherit,
-            )
-        else:
-            inner_argv = [*terminal_shim(), *argv] if inherit else list(argv)
-        command = bwrap_argv(
-            plan, options, inner_argv, bwrap=self._bwrap or facts.bwrap_path or "bwrap"
-        )
-        journal = create_placeholders(
-            plan.placeholders, journal_dir=f"{policy.host.state_dir}/placeholders"
-        )
-        child_fds = [status_w, seccomp_fd, *([gate_r] if gate_r is not None else [])]
-        child_fds += [*landlock_fds, *pass_fds]
-        child_env = sandbox_environment(policy, os.environ if env is None else env)
-        if command_net is not None:
-            child_fds += command_net.pass_fds
-            child_env.update(command_net.env)
+        child_side: list[int] = []  # the parent's copies, closed once the child has them
+        parent_side: list[int] = []  # kept by the parent, closed only if the launch fails
+        command_net = None
+        journal = None
         try:
+            if network is not None:
+                command_net = network.for_command(sandbox_id)
+                argv = [*command_net.argv_prefix, *argv]
+            status_r, status_w = os.pipe()
+            parent_side.append(status_r)
+            child_side.append(status_w)
+            gate_r, gate_w = os.pipe() if held else (None, None)
+            if gate_r is not None and gate_w is not None:
+                child_side.append(gate_r)
+                parent_side.append(gate_w)
+            seccomp_fd = open_program_fd(self.seccomp_program())
+            child_side.append(seccomp_fd)
+            options = BwrapOptions(
+                cwd=workdir,
+                uid=os.getuid(),
+                gid=os.getgid(),
+                session=session,
+                bwrap_version=facts.bwrap_version or (0, 0, 0),
+                seccomp_fd=seccomp_fd,
+                status_fd=status_w,
+                block_fd=gate_r,
+                empty_file=empty_file,
+            )
+            if facts.landlock_abi > 0:
+                # The second wall: Landlock, applied inside by corral.inner just before exec.
+                script_fd, rules_fd = self._landlock_fds(plan, facts.landlock_abi)
+                child_side += [script_fd, rules_fd]
+                inner_argv = script_argv(
+                    os.path.realpath(sys.executable),
+                    script_fd=script_fd,
+                    rules_fd=rules_fd,
+                    command=list(argv),
+                    reset_terminal_signals=inherit,
+                )
+            else:
+                inner_argv = [*terminal_shim(), *argv] if inherit else list(argv)
+            command = bwrap_argv(
+                plan, options, inner_argv, bwrap=self._bwrap or facts.bwrap_path or "bwrap"
+            )
+            child_env = sandbox_environment(policy, os.environ if env is None else env)
+            if command_net is not None:
+                add_network_environment(child_env, command_net.env)
+            journal = create_placeholders(
+                plan.placeholders, journal_dir=f"{policy.host.state_dir}/placeholders"
+            )
             popen = subprocess.Popen(
                 command,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
                 env=child_env,
-                pass_fds=child_fds,
+                pass_fds=[*child_side, *pass_fds, *(command_net.pass_fds if command_net else ())],
                 close_fds=True,
                 preexec_fn=_preexec(inherit=inherit, rlimits=None if held else rlimits),
                 process_group=None if inherit else 0,
             )
-        except OSError as exc:
-            for fd in (status_r, gate_w):
-                if fd is not None:
-                    os.close(fd)
+        except BaseException as exc:
+            for fd in parent_side:
+                os.close(fd)
             if journal is not None:
                 remove_placeholders(journal)
-            raise LaunchError(f"could not start bubblewrap: {exc.strerror}") from exc
+            if isinstance(exc, OSError):
+                raise LaunchError(f"could not start the sandbox: {exc}") from exc
+            raise
         finally:
-            for fd in (status_w, seccomp_fd, gate_r, *landlock_fds):
-                if fd is not None:
-                    os.close(fd)
+            for fd in child_side:
+                os.close(fd)
             if network is not None and command_net is not None:
                 network.after_spawn(command_net)
         proc = SandboxProcess(
