@@ -15,6 +15,7 @@ import fcntl
 import functools
 import os
 import sys
+from collections.abc import Mapping
 
 from corral.audit.events import Sink
 from corral.errors import UsageError
@@ -118,7 +119,13 @@ class ProxyNetwork(NetworkService):
         audit = sink if notify is None else DenialNotices(sink, notify, settings_file=settings_file)
         self._env = proxy_environment(self._listens[0][1], self._listens[1][1])
         self._python = os.path.realpath(sys.executable)
-        self._server = ProxyServer(policy=policy.network, sink=audit, resolver=resolver, ask=ask)
+        self._server = ProxyServer(
+            policy=policy.network,
+            sink=audit,
+            resolver=resolver,
+            ask=ask,
+            upstream_proxy=upstream_proxy_for(policy, os.environ),
+        )
         self._script_fd = _sealed_memfd("corral-proxy-launcher", _launcher_image())
         try:
             self._server.start()
@@ -150,3 +157,17 @@ class ProxyNetwork(NetworkService):
         if self._script_fd >= 0:
             os.close(self._script_fd)
             self._script_fd = -1
+
+
+def upstream_proxy_for(policy: Policy, environ: Mapping[str, str]) -> str | None:
+    """The proxy corral chains to: `network.upstreamProxy`, else the host's own HTTPS_PROXY
+    (a corporate proxy keeps its inspection). Only http:// proxies can be chained; another
+    scheme in the environment is ignored rather than breaking every command."""
+    configured = policy.network.upstream_proxy
+    if configured:
+        return configured
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        value = environ.get(name, "")
+        if value.lower().startswith("http://"):
+            return value
+    return None
