@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -121,3 +122,33 @@ def run_script(
         return layout.sandbox(mode).run(argv, env=full_env, capture_output=True, timeout=60)
     done = subprocess.run(argv, cwd=layout.workspace, env=full_env, capture_output=True, timeout=60)
     return RunResult(done.returncode, done.stdout, done.stderr, False, "unsandboxed")
+
+
+class Canary:
+    """A host listener that only counts the connections made to it: the host-side evidence of
+    network blocks. No thread accepts them: the kernel completes each handshake into the
+    backlog, and `count()` drains it afterwards, so no thread has to have run in time."""
+
+    def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = socket.create_server((address, port), backlog=64)
+        self.port: int = self.sock.getsockname()[1]
+        self.sock.setblocking(False)
+
+    def count(self) -> int:
+        accepted = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return accepted
+            accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Canary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -242,36 +241,3 @@ class Terminal:
 
 
 # --- network evidence --------------------------------------------------------------------------
-
-
-class LoopbackCanary:
-    """A host loopback port that counts the connections made to it.
-
-    No thread accepts them: the kernel queues every completed handshake on the listening
-    socket, so once the client has finished, draining the queue counts exactly the connections
-    it made, however slowly this process is scheduled.
-    """
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=16)
-        self.port: int = self.sock.getsockname()[1]
-
-    def connections(self) -> int:
-        self.sock.setblocking(False)
-        count = 0
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return count
-            conn.close()
-            count += 1
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> LoopbackCanary:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

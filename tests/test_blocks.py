@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from tests.conftest import BASHRC, SECRET, Layout, run_script
+from tests.conftest import BASHRC, SECRET, Canary, Layout, run_script
 
 pytestmark = pytest.mark.usefixtures("sandbox_available")
 
@@ -101,34 +101,10 @@ def subprocess_git_init(layout: Layout) -> None:
     subprocess.run(["git", "init", "-q", layout.workspace], check=True, env=layout.env)
 
 
-class CanaryServer:
-    """A host loopback listener: the evidence for network blocks. No accept thread: the kernel
-    completes a client's handshake into the backlog, and `count()` drains it afterwards, so
-    the count does not depend on a thread having run in time."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
-        self.port: int = self.sock.getsockname()[1]
-
-    def count(self) -> int:
-        self.sock.setblocking(False)
-        accepted = 0
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return accepted
-            accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @BOTH
 @pytest.mark.parametrize("mode", ["strict", "standard", "permissive"])
 def test_tcp_connection_to_the_host(layout: Layout, sandboxed: bool, mode: str) -> None:
-    server = CanaryServer()
+    server = Canary()
     try:
         script = f"exec 3<>/dev/tcp/127.0.0.1/{server.port} && echo hi >&3"
         run_script(layout, script, sandboxed=sandboxed, mode=mode)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from corral.policy.model import NetworkPolicy
 from corral.proxy import launcher
 from corral.proxy.launcher import encode_accepted, encode_reply, fd_rights
 from corral.proxy.server import ProxyServer
-from tests.test_network_support import Canary
+from tests.conftest import Canary
 from tests.test_proxy_support import (
     ALLOWED_ADDRESS,
     POLICY,

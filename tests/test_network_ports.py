@@ -15,8 +15,8 @@ import pytest
 
 from corral.audit.events import MemorySink
 from corral.sandbox import Sandbox
-from tests.conftest import Layout
-from tests.test_network_support import Canary, filtered_policy, resolve
+from tests.conftest import Canary, Layout
+from tests.test_network_support import filtered_policy, resolve
 from tests.test_proxy_support import LoopbackServer, recv_all
 
 pytestmark = pytest.mark.usefixtures("sandbox_available")

@@ -11,9 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Layout
+from tests.conftest import Canary, Layout
 from tests.test_network_support import (
-    Canary,
     Servers,
     World,
     filtered_policy,

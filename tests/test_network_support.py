@@ -106,29 +106,6 @@ def filtered_world(
         yield World(layout, sandbox, sink, servers)
 
 
-class Canary:
-    """A host listener that only counts: the kernel completes handshakes into the backlog and
-    `count()` drains it afterwards, so no thread has to have run in time."""
-
-    def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
-        self.sock = socket.create_server((address, port), backlog=64)
-        self.port: int = self.sock.getsockname()[1]
-        self.sock.setblocking(False)
-
-    def count(self) -> int:
-        accepted = 0
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return accepted
-            accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 class HttpServer:
     """A threaded http.server on 127.0.0.2 that remembers each request line it served."""
 

@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.conftest import BASHRC, LAYOUT_ROOT, SECRET, Layout, make_layout
-from tests.helpers_cli import LoopbackCanary, corral_run, fd_listing, open_leaky_fd
+from tests.conftest import BASHRC, LAYOUT_ROOT, SECRET, Canary, Layout, make_layout
+from tests.helpers_cli import corral_run, fd_listing, open_leaky_fd
 
 pytestmark = [pytest.mark.usefixtures("sandbox_available"), pytest.mark.unprivileged]
 
@@ -167,10 +167,10 @@ def test_attack_as_an_unprivileged_user(
     script, got_through = ATTACKS[attack]
     fd = open_leaky_fd(f"{user_layout.outside}/leaked.log")
     try:
-        with LoopbackCanary() as canary:
+        with Canary() as canary:
             filled = script.format(outside=user_layout.outside, port=canary.port, fd=fd)
             result = run_as(user, user_layout, filled, sandboxed=sandboxed, pass_fds=(fd,))
-            connections = canary.connections()
+            connections = canary.count()
     finally:
         os.close(fd)
     assert f"{STARTED}{user.uid}\n" in result.stdout, result
