@@ -16,24 +16,8 @@ from corral.doctor import (
     format_checks,
     run_checks,
 )
-from corral.probe import MachineFacts, gather_facts
-
-HEALTHY = MachineFacts(
-    kernel="6.8.0-45-generic",
-    arch="x86_64",
-    is_root=False,
-    bwrap_path="/usr/bin/bwrap",
-    bwrap_version=(0, 9, 0),
-    bwrap_setuid=False,
-    max_user_namespaces=63000,
-    unprivileged_userns_clone=1,
-    apparmor_restrict_userns=0,
-    landlock_abi=4,
-    seccomp=True,
-    container=None,
-    legacy_tiocsti=1,
-    cgroup_v2_writable=None,
-)
+from corral.probe import gather_facts
+from tests.machines import HEALTHY
 
 
 class FakeTry:

@@ -6,24 +6,10 @@ from corral.layers import layers_in_force
 from corral.policy.model import HostPaths
 from corral.policy.presets import preset_policy
 from corral.probe import MachineFacts
+from tests.machines import HEALTHY
 
 HOST = HostPaths("/w", "/h", "/h/.config", "/h/.cache", "/h/.local/state")
-FACTS = MachineFacts(
-    kernel="6.8.0",
-    arch="x86_64",
-    is_root=False,
-    bwrap_path="/usr/bin/bwrap",
-    bwrap_version=(0, 8, 0),
-    bwrap_setuid=False,
-    max_user_namespaces=1000,
-    unprivileged_userns_clone=1,
-    apparmor_restrict_userns=0,
-    landlock_abi=4,
-    seccomp=True,
-    container=None,
-    legacy_tiocsti=0,
-    cgroup_v2_writable=None,
-)
+FACTS = HEALTHY
 
 
 def rows(facts: MachineFacts = FACTS) -> dict[str, str]:

@@ -23,24 +23,7 @@ from corral.probe import (
     userns_verdict,
 )
 from corral.probe_verdicts import kernel_version
-
-# A healthy desktop: every decider says yes. Each case changes one or two fields.
-HEALTHY = MachineFacts(
-    kernel="6.8.0-45-generic",
-    arch="x86_64",
-    is_root=False,
-    bwrap_path="/usr/bin/bwrap",
-    bwrap_version=(0, 9, 0),
-    bwrap_setuid=False,
-    max_user_namespaces=63000,
-    unprivileged_userns_clone=1,
-    apparmor_restrict_userns=0,
-    landlock_abi=4,
-    seccomp=True,
-    container=None,
-    legacy_tiocsti=1,
-    cgroup_v2_writable=None,
-)
+from tests.machines import HEALTHY
 
 
 def test_healthy_machine_passes_every_decider() -> None:
