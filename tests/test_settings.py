@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import SettingsError, UsageError
-from corral.policy.model import CLI, HostPaths, Limits, Origin, Policy, Rule
+from corral.policy.model import CLI, HostPaths, IgnoreRule, Limits, Origin, Policy, Rule
 from corral.policy.presets import LIMITS_OF_MODE, mandatory_deny_write, preset_policy
 from corral.policy.settings import (
     MANAGED_SETTINGS,
@@ -91,7 +91,10 @@ BROKEN = [
         '{"filesystem": {"denyRead": [1]}}',
         "{f}: filesystem.denyRead[0]: expected a string, found the number 1",
     ),
-    ('{"mdoe": "strict"}', "{f}: unknown key: mdoe; " + UNKNOWN + ", limits, mode, network"),
+    (
+        '{"mdoe": "strict"}',
+        "{f}: unknown key: mdoe; " + UNKNOWN + ", ignoreViolations, limits, mode, network",
+    ),
     (
         '{"network": {"allowedDomains": ["ok.example", "x.com/path"]}}',
         "{f}: network.allowedDomains[1]: 'x.com/path' has a path; write the host name only",
@@ -427,3 +430,27 @@ def test_managed_limit_may_loosen_the_preset(files: Files) -> None:
     limits = files.load().limits
     assert limits.memory_bytes == 64 << 30
     assert limits.timeout_seconds == 600
+
+
+def test_ignore_violations_and_unknown_domains(files: Files) -> None:
+    user = files.write(files.user, {"ignoreViolations": {"*": ["/usr/bin/*"]}})
+    project = files.write(
+        files.project,
+        {
+            "ignoreViolations": {"git push": ["github.example"]},
+            "network": {"unknownDomains": "ask"},
+        },
+    )
+    policy = files.load()
+    assert policy.ignore_violations == (
+        IgnoreRule("*", "/usr/bin/*", Origin(user, "ignoreViolations.*[0]")),
+        IgnoreRule("git push", "github.example", Origin(project, "ignoreViolations.git push[0]")),
+    )
+    assert policy.network.unknown_domains == "ask"
+
+
+def test_ignore_violations_entries_must_be_lists_of_text(files: Files) -> None:
+    path = files.write(files.project, {"ignoreViolations": {"*": "/usr/bin"}})
+    with pytest.raises(SettingsError) as caught:
+        files.load()
+    assert (caught.value.file, caught.value.key) == (path, "ignoreViolations.*")

@@ -63,6 +63,17 @@ class FilesystemPolicy(NamedTuple):
     """A fresh, empty, writable /tmp that vanishes with the sandbox."""
 
 
+UnknownDomains = Literal["deny", "ask"]
+
+
+class IgnoreRule(NamedTuple):
+    """A known-harmless violation: by `command` ("*" for any), a path or domain glob."""
+
+    command: str
+    pattern: str
+    origin: Origin
+
+
 class NetworkPolicy(NamedTuple):
     access: NetworkAccess
     allowed_domains: tuple[Rule, ...] = ()
@@ -74,6 +85,8 @@ class NetworkPolicy(NamedTuple):
     upstream_proxy: str | None = None
     http_proxy_port: int | None = None
     socks_proxy_port: int | None = None
+    unknown_domains: UnknownDomains = "deny"
+    """Hosts in neither list: refused, or asked about (CLI prompt / the API's ask callback)."""
 
 
 class EnvPolicy(NamedTuple):
@@ -168,6 +181,7 @@ class Policy(NamedTuple):
     origins: tuple[tuple[str, Origin], ...] = ()
     """Where each scalar setting came from, as (key path, origin) pairs."""
     backend: Backend = "auto"
+    ignore_violations: tuple[IgnoreRule, ...] = ()
     limits: Limits = Limits()
     """Resource limits; the presets set them (see presets.py), settings may change them."""
 

@@ -84,6 +84,11 @@ _NETWORK = _section(
         "upstreamProxy": {"type": "string", "minLength": 1},
         "httpProxyPort": _PORT,
         "socksProxyPort": _PORT,
+        "unknownDomains": {
+            "enum": ["deny", "ask"],
+            "description": "Hosts in neither list: refused (deny), or asked about on the"
+            " terminal by `corral run` (ask; the Python API's ask callback decides there).",
+        },
     },
     "Network access: none, the sandbox's own loopback, or filtered through the proxy.",
 )
@@ -139,6 +144,12 @@ SETTINGS_SCHEMA: dict[str, object] = {
         "env": _ENV,
         "limits": _LIMITS,
         "allowUnsandboxedCommands": {"type": "boolean"},
+        "ignoreViolations": {
+            "type": "object",
+            "additionalProperties": _list(_TEXT, "Paths or domains (globs) not to report."),
+            "description": "Known-harmless violations, by command ('*' for every command):"
+            " still counted in the audit log, not shown.",
+        },
         "backend": {
             "enum": ["auto", "bwrap", "landlock"],
             "description": "auto: bubblewrap where user namespaces work, else Landlock-only"
@@ -264,9 +275,12 @@ def _check_object(value: dict[str, object], schema: dict[str, object], where: _W
     missing = [name for name in required if name not in value]
     if missing:
         raise _Invalid(f"missing required key: {', '.join(missing)}", where.key)
+    extra = schema.get("additionalProperties")
     for name, item in value.items():
         if name in properties:
             _check(item, properties[name], where.child(name))
+        elif isinstance(extra, dict):
+            _check(item, extra, where.child(name))
 
 
 def _check_any_of(value: object, branches: list[dict[str, object]], where: _Where) -> None:

@@ -43,6 +43,7 @@ from corral.policy.model import (
     LIMIT_KEYS,
     MODES,
     HostPaths,
+    IgnoreRule,
     Limits,
     Mode,
     Origin,
@@ -101,6 +102,7 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "network.access": ("network", "access"),
     "network.allowLocalBinding": ("network", "allow_local_binding"),
     "network.upstreamProxy": ("network", "upstream_proxy"),
+    "network.unknownDomains": ("network", "unknown_domains"),
     "network.httpProxyPort": ("network", "http_proxy_port"),
     "network.socksProxyPort": ("network", "socks_proxy_port"),
     "allowUnsandboxedCommands": ("", "allow_unsandboxed_commands"),
@@ -409,4 +411,22 @@ def load_policy(
     limits, limit_origins = _merge_limits(base.limits, layers)
     policy = _build(base, lists, changes)
     origins = (*base.origins, *mode_origins, *scalar_origins, *_port_origins(lists))
-    return policy._replace(origins=(*origins, *limit_origins), limits=limits)
+    return policy._replace(
+        origins=(*origins, *limit_origins),
+        limits=limits,
+        ignore_violations=_ignore_rules(layers),
+    )
+
+
+def _ignore_rules(layers: Sequence[_Layer]) -> tuple[IgnoreRule, ...]:
+    """ignoreViolations entries of every file, combined (they only ever quiet reports)."""
+    rules = []
+    for layer in layers:
+        table = layer.data.get("ignoreViolations")
+        if not isinstance(table, dict):
+            continue
+        for command, patterns in table.items():
+            for index, pattern in enumerate(patterns if isinstance(patterns, list) else ()):
+                origin = Origin(layer.source.path, f"ignoreViolations.{command}[{index}]")
+                rules.append(IgnoreRule(str(command), str(pattern), origin))
+    return tuple(rules)
