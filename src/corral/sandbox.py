@@ -25,7 +25,16 @@ if TYPE_CHECKING:
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.facts import gather_disk_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
-from corral.backends.landlock import memfd_with, open_rules_fd, rules_for_plan
+from corral.backends.landlock import (
+    compile_ruleset,
+    handled_access_fs,
+    host_side_rules_for_plan,
+    inside_paths_for_plan,
+    memfd_with,
+    open_rules_fd,
+    rules_for_plan,
+)
+from corral.backends.landlock_exec import launcher_image
 from corral.backends.limits import (
     RLimit,
     apply_point,
@@ -37,7 +46,8 @@ from corral.backends.limits import (
 from corral.backends.placeholders import create_placeholders, remove_placeholders, sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
 from corral.errors import LaunchError, SandboxUnavailable, UsageError
-from corral.inner import compiled_script, script_argv
+from corral.inner import Prepared, compiled_script, script_argv
+from corral.inner import prepare as prepare_ruleset
 from corral.network import (
     Ask,
     NetworkService,
@@ -176,6 +186,34 @@ def _capture_bounded(
     for reader in readers:
         reader.join()
     return b"".join(kept["out"]), b"".join(kept["err"]), timed_out, bool(over)
+
+
+def _memfd_exec_allowed() -> bool:
+    """vm.memfd_noexec (Linux 6.3+) above 0 forbids executing memfds."""
+    try:
+        with open("/proc/sys/vm/memfd_noexec", "rb") as f:
+            return f.read().strip() in (b"", b"0")
+    except OSError:
+        return True
+
+
+def child_path(env: Mapping[str, str] | None) -> str:
+    source = os.environ if env is None else env
+    return source.get("PATH", os.defpath)
+
+
+def resolve_command(name: str, path: str, plan: FilesystemPlan) -> str | None:
+    """Where execvp would find `name`, among the PATH directories the sandbox can see."""
+    if "/" in name:
+        return name
+    visible = (*plan.readable, *plan.writable)
+    for directory in path.split(":"):
+        if not directory.startswith("/") or not any(is_within(directory, r) for r in visible):
+            continue
+        candidate = f"{directory}/{name}"
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def choose_backend(policy: Policy, facts: MachineFacts) -> Literal["bwrap", "landlock"]:
@@ -348,6 +386,42 @@ class Sandbox:
             )
         return cwd
 
+    def _native_landlock(
+        self,
+        plan: FilesystemPlan,
+        facts: MachineFacts,
+        argv: Sequence[str],
+        path: str,
+        inherit: bool,
+    ) -> tuple[list[str], list[int], Prepared] | None:
+        """The native launcher's argv, its fds and the host-built ruleset; None where it
+        cannot be used (another architecture, memfds not executable, command not found)."""
+        if not _memfd_exec_allowed():
+            return None
+        command = resolve_command(argv[0], path, plan)
+        if command is None:
+            return None
+        rules = host_side_rules_for_plan(
+            plan, abi=facts.landlock_abi, network=self.policy.network.access
+        )
+        prepared = prepare_ruleset(compile_ruleset(rules))
+        self_fd = os.memfd_create("corral-landlock-exec", os.MFD_CLOEXEC)
+        image = launcher_image(
+            host_arch(),
+            rules_fd=prepared.ruleset_fd,
+            self_fd=self_fd,
+            reset_terminal_signals=inherit,
+            inside_paths=inside_paths_for_plan(plan),
+            inside_access=handled_access_fs(facts.landlock_abi),
+        )
+        if image is None:
+            os.close(self_fd)
+            prepared.close()
+            return None
+        os.write(self_fd, image)
+        launcher = f"/proc/self/fd/{self_fd}"
+        return [launcher, command, *argv], [self_fd, prepared.ruleset_fd], prepared
+
     def _landlock_fds(self, plan: FilesystemPlan, abi: int) -> tuple[int, int]:
         """memfds holding corral.inner's bytecode (built once) and this plan's ruleset."""
         if self._inner_code is None:
@@ -423,6 +497,7 @@ class Sandbox:
         # process limit counts the sandbox's own user namespace only (Linux >= 5.14).
         held = apply_point(facts) == "sandbox-init"
         child_side: list[int] = []  # the parent's copies, closed once the child has them
+        parent_side_objects: list[Prepared] = []  # host-built rulesets, closed after the spawn
         parent_side: list[int] = []  # kept by the parent, closed only if the launch fails
         command_net = None
         journal = None
@@ -450,8 +525,18 @@ class Sandbox:
                 block_fd=gate_r,
                 empty_file=empty_file,
             )
+            native = None
+            inherited_too: list[int] = []
             if facts.landlock_abi > 0:
-                # The second wall: Landlock, applied inside by corral.inner just before exec.
+                native = self._native_landlock(plan, facts, argv, child_path(env), inherit)
+            if native is not None:
+                # The second wall, applied by a tiny native launcher just before exec.
+                inner_argv, native_fds, prepared = native
+                child_side.append(native_fds[0])  # the launcher's memfd
+                inherited_too = native_fds[1:]  # the ruleset: closed by `prepared` below
+                parent_side_objects.append(prepared)
+            elif facts.landlock_abi > 0:
+                # The same, by corral.inner (no native launcher for this machine or command).
                 script_fd, rules_fd = self._landlock_fds(plan, facts.landlock_abi)
                 child_side += [script_fd, rules_fd]
                 inner_argv = script_argv(
@@ -478,7 +563,12 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 env=child_env,
-                pass_fds=[*child_side, *pass_fds, *(command_net.pass_fds if command_net else ())],
+                pass_fds=[
+                    *child_side,
+                    *inherited_too,
+                    *pass_fds,
+                    *(command_net.pass_fds if command_net else ()),
+                ],
                 close_fds=True,
                 preexec_fn=_preexec(inherit=inherit, rlimits=None if held else rlimits),
                 process_group=None if inherit else 0,
@@ -494,6 +584,8 @@ class Sandbox:
         finally:
             for fd in child_side:
                 os.close(fd)
+            for prepared in parent_side_objects:
+                prepared.close()
             if network is not None and command_net is not None:
                 network.after_spawn(command_net)
         proc = SandboxProcess(

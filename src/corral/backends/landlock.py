@@ -196,6 +196,36 @@ def compile_ruleset(rules: LandlockRules) -> Ruleset:
     return Ruleset(handled_fs, handled_net, scoped & handled_scope(abi), tuple(paths), tuple(ports))
 
 
+def host_side_rules_for_plan(
+    plan: FilesystemPlan,
+    *,
+    abi: int,
+    network: NetworkAccess,
+) -> LandlockRules:
+    """The same second wall as `rules_for_plan`, for a ruleset built on the host before the
+    sandbox exists (the native launcher, landlock_exec.py).
+
+    Bind mounts keep the host's inodes, so rules on the host's paths hold inside for them.
+    Directories that exist only inside (the private /tmp, /dev/pts, /dev/shm) cannot be
+    reached from here: Landlock skips the directory a mount hides, so a rule on the host's
+    /tmp would not cover the tmpfs on it. The launcher adds those rules itself, inside, just
+    before restricting (`inside_paths`).
+    """
+    ports: tuple[int, ...] | None = () if network == "none" else None
+    return make_rules(
+        abi,
+        read=(*plan.readable, "/dev", "/proc"),
+        write=(*(w for w in plan.writable if w != "/tmp"), *DEV_READ_WRITE),
+        connect_ports=ports,
+        bind_ports=ports,
+    )
+
+
+def inside_paths_for_plan(plan: FilesystemPlan) -> tuple[str, ...]:
+    """The writable directories that only exist inside the sandbox (see above)."""
+    return (*(["/tmp"] if "/tmp" in plan.writable else []), *BWRAP_DEV_WRITABLE_DIRS)
+
+
 def rules_for_plan(
     plan: FilesystemPlan,
     *,
