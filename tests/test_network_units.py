@@ -103,7 +103,8 @@ def test_git_config_entries_follow_the_callers(
     ("extra", "expected"),
     [
         ({}, [("h", 3128), ("s", 1080)]),
-        ({"http_proxy_port": 8080, "socks_proxy_port": 9050}, [("h", 8080), ("s", 9050)]),
+        # The user's own proxy is on the host: the ports inside stay where clients look.
+        ({"http_proxy_port": 8080, "socks_proxy_port": 9050}, [("h", 3128), ("s", 1080)]),
         ({"host_ports": (5432, 6379, 5432)}, [("h", 3128), ("s", 1080), ("p", 5432), ("p", 6379)]),
     ],
 )
@@ -116,8 +117,9 @@ def test_listen_plan(layout: Layout, extra: dict[str, object], expected: list[ob
     "extra",
     [
         {"host_ports": (3128,)},
-        {"http_proxy_port": 1080},
-        {"socks_proxy_port": 3128},
+        {"host_ports": (1080,)},
+        {"http_proxy_port": 8080, "publish_ports": (8080,)},
+        {"socks_proxy_port": 9050, "publish_ports": (9050,)},
         {"host_ports": (5432,), "publish_ports": (5432,)},
         {"publish_ports": (1080,)},
     ],

@@ -1,8 +1,14 @@
-"""Host ports and published ports: plain TCP between the host's loopback and the sandbox's.
+"""Host ports, the user's own proxy and published ports: plain TCP between the host's loopback
+and the sandbox's.
 
 - `hostPorts`: a host loopback service (say 127.0.0.1:5432) is reachable inside at the same
   address. The forwarder listens on the port inside and hands each connection over the
   channel; `serve_host_port` connects to the port on the host and relays.
+- `httpProxyPort` / `socksProxyPort` (as in Anthropic's sandbox-runtime: "an external proxy to
+  use instead of starting a local one; the external proxy must handle domain filtering"): a
+  connection made inside to the HTTP (or SOCKS5) proxy port, which stays 3128 (or 1080)
+  inside, is relayed unchanged to 127.0.0.1:PORT on the host by `serve_user_proxy`. corral
+  reads none of its bytes and decides nothing; the user's proxy does.
 - `publishPorts`: a server started inside on a port is reachable from the host at
   127.0.0.1:PORT. `Publisher` listens on the host; for each connection it asks the sandbox's
   forwarder to connect to the port inside and send that socket back, then relays here.
@@ -10,8 +16,8 @@
   the sandbox, the bytes move with the same splice relay as every tunnel, and the forwarder
   stays a thing that only passes descriptors.
 
-Both are allowed by the policy alone (nothing to ask) and each connection is one audit event
-(`protocol` "host-port" or "publish"). Ports are off unless the policy lists them.
+All are allowed by the policy alone (nothing to ask) and each connection is one audit event
+(`protocol` "host-port", "user-proxy" or "publish"). Ports are off unless the policy lists them.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Coroutine
+from typing import Literal
 
 from corral.errors import UsageError
 from corral.proxy.channel import Channel
 from corral.proxy.decision import Decision
-from corral.proxy.session import ProxyContext, Record, relay
+from corral.proxy.session import ProxyContext, Record, http_error, relay
 from corral.proxy.upstream import UpstreamError, connect_tcp
 
 LOOPBACK = "127.0.0.1"
@@ -45,19 +52,54 @@ async def serve_host_port(
         record.decision = Decision(
             True, f"hostPorts: {port}", f"{LOOPBACK}:{port} is in network.hostPorts"
         )
-        try:
-            upstream = await connect_tcp(LOOPBACK, port, timeout=ctx.limits.connect_timeout)
-        except UpstreamError as exc:
-            record.error = exc.reason
-            return
-        record.address = LOOPBACK
-        try:
-            await relay(ctx, client, upstream, record)
-        finally:
-            upstream.close()
+        await _relay_to_host(ctx, client, record)
     finally:
         record.emit(ctx)
         client.close()
+
+
+UserProxyKey = Literal["httpProxyPort", "socksProxyPort"]
+
+
+async def serve_user_proxy(
+    ctx: ProxyContext, client: socket.socket, port: int, *, key: UserProxyKey
+) -> None:
+    """Relay a connection made to a proxy port inside, unchanged, to the user's own proxy at
+    127.0.0.1:`port` on the host (`key` names the setting). When that proxy cannot be
+    reached, an HTTP client is told so with a 502; a SOCKS5 client sees the connection close
+    (a reply would need the greeting read first, and nothing here reads the client)."""
+    record = Record("user-proxy")
+    record.host, record.port = LOOPBACK, port
+    record.decision = Decision(
+        True,
+        f"{key}: {port}",
+        f"relayed to the user's proxy at {LOOPBACK}:{port} (network.{key}), which decides",
+    )
+    try:
+        error = await _relay_to_host(ctx, client, record)
+        if error is not None and key == "httpProxyPort":
+            reason = f"the proxy at {LOOPBACK}:{port} (network.{key}) is unreachable: {error}"
+            with contextlib.suppress(OSError):
+                await asyncio.get_running_loop().sock_sendall(client, http_error(502, reason))
+    finally:
+        record.emit(ctx)
+        client.close()
+
+
+async def _relay_to_host(ctx: ProxyContext, client: socket.socket, record: Record) -> str | None:
+    """Connect to 127.0.0.1:`record.port` on the host and relay; the connect error, if any
+    (also recorded)."""
+    try:
+        upstream = await connect_tcp(LOOPBACK, record.port, timeout=ctx.limits.connect_timeout)
+    except UpstreamError as exc:
+        record.error = exc.reason
+        return exc.reason
+    record.address = LOOPBACK
+    try:
+        await relay(ctx, client, upstream, record)
+    finally:
+        upstream.close()
+    return None
 
 
 class Publisher:

@@ -27,7 +27,7 @@ from corral.policy.model import NetworkPolicy
 from corral.proxy.channel import Channel
 from corral.proxy.decision import TLS_PORTS, Ask, DomainRules, MissingSni
 from corral.proxy.handlers import serve_http, serve_socks
-from corral.proxy.ports import Publisher, serve_host_port
+from corral.proxy.ports import Publisher, UserProxyKey, serve_host_port, serve_user_proxy
 from corral.proxy.session import Limits, ProxyContext, Resolver, default_resolver
 from corral.proxy.upstream import parse_upstream_proxy
 
@@ -51,7 +51,9 @@ class ProxyServer:
         """`upstream_proxy` defaults to the policy's; `resolver` maps a host name to its
         addresses (getaddrinfo by default); `ask` decides hosts in neither list (see
         `decision`); tunnels to `tls_ports` must carry TLS naming their host. The policy's
-        `host_ports` may be reached from inside, its `publish_ports` from the host.
+        `host_ports` may be reached from inside, its `publish_ports` from the host; with
+        `http_proxy_port` (`socks_proxy_port`) set, what comes to the HTTP (SOCKS5) proxy
+        port inside goes unchanged to the user's own proxy on the host (see `ports`).
         SettingsError for a bad domain pattern, UsageError for a bad proxy URL."""
         rules = DomainRules.from_policy(policy)
         proxy_url = upstream_proxy if upstream_proxy is not None else policy.upstream_proxy
@@ -67,6 +69,12 @@ class ProxyServer:
             tls_ports=tls_ports,
         )
         self._host_ports = frozenset(policy.host_ports)
+        # The user's own proxies, by the kind of in-sandbox listener relayed to each.
+        self._user_proxies: dict[bytes, tuple[UserProxyKey, int]] = {}
+        if policy.http_proxy_port:
+            self._user_proxies[b"h"] = ("httpProxyPort", policy.http_proxy_port)
+        if policy.socks_proxy_port:
+            self._user_proxies[b"s"] = ("socksProxyPort", policy.socks_proxy_port)
         self._publisher = Publisher(policy.publish_ports)
         self._channels: list[Channel] = []
         self._thread: threading.Thread | None = None
@@ -174,6 +182,10 @@ class ProxyServer:
     def _serve(
         self, ctx: ProxyContext, client: socket.socket, kind: bytes, port: int
     ) -> Coroutine[None, None, None]:
+        user_proxy = self._user_proxies.get(kind)
+        if user_proxy is not None:
+            key, user_port = user_proxy
+            return serve_user_proxy(ctx, client, user_port, key=key)
         if kind == b"h":
             return serve_http(ctx, client)
         if kind == b"s":

@@ -25,8 +25,10 @@ from corral.proxy.launcher import compiled_launcher, launcher_argv
 from corral.proxy.notice import DenialNotices
 from corral.proxy.server import ProxyServer
 
-DEFAULT_HTTP_PROXY_PORT = 3128
-DEFAULT_SOCKS_PROXY_PORT = 1080
+# The proxy ports inside, fixed: `httpProxyPort`/`socksProxyPort` point at the user's own proxy
+# on the host instead (sandbox-runtime's meaning), they never move these.
+HTTP_PROXY_PORT = 3128
+SOCKS_PROXY_PORT = 1080
 # Inside the sandbox, its own loopback is direct: a test server or a published dev server.
 NO_PROXY = "localhost,127.0.0.1,::1"
 
@@ -67,21 +69,42 @@ def proxy_environment(http_port: int, socks_port: int) -> dict[str, str]:
 
 def listen_plan(policy: Policy) -> list[tuple[str, int]]:
     """The launcher's listeners: (kind, port) for the HTTP proxy, SOCKS5 and each host port.
+    The proxy ports inside are always 3128 and 1080: `httpProxyPort`/`socksProxyPort` name
+    the user's own proxy on the host, not a port inside (see `corral.proxy.ports`).
     UsageError when two would share a port inside, a published port included (the command
-    could not listen on a port the forwarder holds)."""
+    could not listen on a port the forwarder holds), or when the user's proxy is on a port
+    corral publishes on the host (its connections would come back into the sandbox)."""
     network = policy.network
-    http = network.http_proxy_port or DEFAULT_HTTP_PROXY_PORT
-    socks = network.socks_proxy_port or DEFAULT_SOCKS_PROXY_PORT
-    plan = [("h", http), ("s", socks), *(("p", port) for port in dict.fromkeys(network.host_ports))]
-    names = {"h": "httpProxyPort", "s": "socksProxyPort", "p": "hostPorts", "o": "publishPorts"}
+    plan = [
+        ("h", HTTP_PROXY_PORT),
+        ("s", SOCKS_PROXY_PORT),
+        *(("p", port) for port in dict.fromkeys(network.host_ports)),
+    ]
+    names = {
+        "h": "the HTTP proxy's port inside",
+        "s": "the SOCKS5 proxy's port inside",
+        "p": "in network.hostPorts",
+        "o": "in network.publishPorts",
+    }
+    published = dict.fromkeys(network.publish_ports)
     seen: dict[int, str] = {}
-    for kind, port in [*plan, *(("o", port) for port in dict.fromkeys(network.publish_ports))]:
+    for kind, port in [*plan, *(("o", port) for port in published)]:
         if port in seen:
             raise UsageError(
-                f"port {port} is both network.{seen[port]} and network.{names[kind]}",
-                hint="give each its own port",
+                f"port {port} is {seen[port]} and also {names[kind]}",
+                hint="give each its own port (the proxy ports inside are 3128 and 1080)",
             )
         seen[port] = names[kind]
+    for key, user_port in (
+        ("httpProxyPort", network.http_proxy_port),
+        ("socksProxyPort", network.socks_proxy_port),
+    ):
+        if user_port and user_port in published:
+            raise UsageError(
+                f"port {user_port} is both network.{key} (your proxy on the host) and "
+                "network.publishPorts",
+                hint="give each its own port",
+            )
     return plan
 
 

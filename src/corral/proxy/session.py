@@ -67,10 +67,11 @@ LINGER_BYTES = 256 * 1024
 RECV_SIZE = 64 * 1024
 
 Resolver = Callable[[str], list[str]]
-RecordProtocol = RequestProtocol | Literal["host-port", "publish", "channel"]
-"""How a connection came: a proxy protocol, a host port reached from inside (`hostPorts`),
-a host client reaching a port published from inside (`publishPorts`), or something the
-sandbox sent over its channel that is no connection at all."""
+RecordProtocol = RequestProtocol | Literal["host-port", "user-proxy", "publish", "channel"]
+"""How a connection came: a proxy protocol, a host port reached from inside (`hostPorts`), a
+proxy port relayed to the user's own proxy (`httpProxyPort`/`socksProxyPort`), a host client
+reaching a port published from inside (`publishPorts`), or something the sandbox sent over
+its channel that is no connection at all."""
 
 
 class Limits(NamedTuple):
