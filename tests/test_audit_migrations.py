@@ -121,6 +121,7 @@ def test_opening_a_version_1_log_upgrades_it_and_keeps_the_data(tmp_path: Path) 
     assert violation.kind == "violation"
     assert violation.path == "/home/u/.ssh/id_rsa"
     assert violation.ignored is False  # the new column's default for old rows
+    assert story.events[0].kind == "network" and story.events[0].ignored is False  # schema 4
 
 
 def test_a_reader_upgrades_an_old_log_too(tmp_path: Path) -> None:

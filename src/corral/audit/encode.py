@@ -53,8 +53,8 @@ _SESSION_END = Insert(
 _SKIP_STORED = "ON CONFLICT (event_id) DO NOTHING"
 _NETWORK = Insert(
     "INSERT INTO network_events (time, session_id, host, port, decision, rule, reason, "
-    "bytes_up, bytes_down, duration, event_id)",
-    11,
+    "bytes_up, bytes_down, duration, ignored, event_id)",
+    12,
     _SKIP_STORED,
 )
 _VIOLATION = Insert(
@@ -122,6 +122,7 @@ def _network(event: Event, f: dict[str, object], event_id: str | None) -> Row:
         _int(f.get("bytes_up", 0)),
         _int(f.get("bytes_down", 0)),
         float(f.get("duration", 0.0)),  # type: ignore[arg-type]
+        1 if f.get("ignored") else 0,
         event_id,
     )
 

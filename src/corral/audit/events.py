@@ -6,7 +6,8 @@ where events end up (memory, JSON Lines, SQLite, syslog) is the caller's choice.
 Kinds and their fields (the constructors below spell them, so producers cannot misspell them):
 - "session":   phase ("start"|"end"); at start argv, cwd, mode, backend, policy_digest;
                at end exit_code, resource_usage (a JSON-able dict)
-- "network":   host, port, decision ("allow"|"deny"), rule, reason, bytes_up, bytes_down, duration
+- "network":   host, port, decision ("allow"|"deny"), rule, reason, bytes_up, bytes_down, duration;
+               ignored (optional: a denial matching an ignoreViolations rule, see violations.py)
 - "violation": pid, executable, operation, path, rule, ignored
 - "bridge":    request_id, command, params, decision, decided_by
 

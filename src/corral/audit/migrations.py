@@ -16,6 +16,8 @@ History:
     2  violations.ignored (matched an ignore rule), and indexes for `corral log` filters
     3  event_id on every event table, unique: moving a spool into the log (spool.py) twice,
        or again after a crash between its commit and the spool file's removal, adds nothing
+    4  network_events.ignored: a network denial that matched an ignoreViolations rule, kept
+       but not shown, as violations.ignored does for filesystem violations
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE UNIQUE INDEX violations_event_id ON violations (event_id)",
             "CREATE UNIQUE INDEX bridge_event_id ON bridge_requests (event_id)",
         ),
+    ),
+    Migration(
+        4,
+        "network_events.ignored",
+        ("ALTER TABLE network_events ADD COLUMN ignored INTEGER NOT NULL DEFAULT 0",),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -3,7 +3,8 @@
 Filters combine with AND. A filter that only makes sense for some kinds leaves out the other
 kinds: `domain` keeps network events only, `path` violations only, `decision` network events
 and bridge requests. Events come back oldest first; `limit` keeps the newest N of them.
-Sessions come back newest first, as `git log` lists commits.
+Sessions come back newest first, as `git log` lists commits. `blocked` is what `corral
+violations` lists: every refused attempt, filesystem violations and network denials together.
 
 Opening a reader never creates a log; it upgrades an older schema (a write, in the
 migration's own transaction) and then sets `query_only`, so nothing else it does can write.
@@ -21,11 +22,14 @@ from corral.audit import migrations
 from corral.audit.db import audit_error, connect
 from corral.audit.events import Decision
 from corral.audit.rows import (
+    BLOCKED_KINDS,
     EVENT_KINDS,
     SESSION_COLUMNS,
     TABLES,
+    BlockedRow,
     EventKind,
     EventRow,
+    NetworkRow,
     SessionRow,
     SessionStory,
     ViolationRow,
@@ -58,7 +62,8 @@ class EventFilter(NamedTuple):
     """Exclusive, seconds since the epoch."""
     decision: Decision | None = None
     ignored: IgnoredFilter = "include"
-    """Violations that matched an ignore rule: kept, left out, or the only ones kept."""
+    """Violations and network denials that matched an ignoreViolations rule: kept, left out,
+    or the only ones kept (allowed connections are never ignored ones)."""
     limit: int | None = None
 
 
@@ -140,28 +145,47 @@ class AuditReader:
     # -- events --------------------------------------------------------------------------
 
     def events(self, flt: EventFilter = EventFilter()) -> list[EventRow]:  # noqa: B008
-        rows: list[EventRow] = []
-        newest_first = flt.limit is not None
-        with self._translated("reading events"):
-            for kind in _kinds(flt):
-                built = _select(kind, flt)
-                if built is None:
-                    continue
-                sql, params = built
-                if newest_first:
-                    sql += " ORDER BY time DESC, id DESC LIMIT ?"
-                    params.append(flt.limit)
-                for row in self._conn.execute(sql, params):
-                    rows.append(event_from_db(kind, row))
-        rows.sort(key=_order)
-        if flt.limit is not None:
-            rows = rows[len(rows) - flt.limit :] if flt.limit > 0 else []
-        return rows
+        return self._read([(kind, flt) for kind in _kinds(flt)], limit=flt.limit)
 
     def violations(self, flt: EventFilter = EventFilter()) -> list[ViolationRow]:  # noqa: B008
         """Violations only; the other fields of `flt` apply as in `events`."""
         rows = self.events(flt._replace(kinds=("violation",)))
         return [row for row in rows if isinstance(row, ViolationRow)]
+
+    def blocked(self, flt: EventFilter = EventFilter()) -> list[BlockedRow]:  # noqa: B008
+        """Every refused attempt, oldest first: filesystem violations and network denials.
+
+        `kinds` may narrow it to one of the two; `decision` plays no part (all are denials);
+        the other fields of `flt` apply as in `events`, `limit` to the merged list.
+        """
+        wanted = [
+            (kind, flt._replace(decision="deny" if kind == "network" else None))
+            for kind in _kinds(flt)
+            if kind in BLOCKED_KINDS
+        ]
+        rows = self._read(wanted, limit=flt.limit)
+        return [row for row in rows if isinstance(row, NetworkRow | ViolationRow)]
+
+    def _read(
+        self, wanted: list[tuple[EventKind, EventFilter]], *, limit: int | None
+    ) -> list[EventRow]:
+        """Rows of each (kind, filter) pair merged in time order; `limit`: the newest N."""
+        rows: list[EventRow] = []
+        with self._translated("reading events"):
+            for kind, flt in wanted:
+                built = _select(kind, flt)
+                if built is None:
+                    continue
+                sql, params = built
+                if limit is not None:
+                    sql += " ORDER BY time DESC, id DESC LIMIT ?"
+                    params.append(limit)
+                for row in self._conn.execute(sql, params):
+                    rows.append(event_from_db(kind, row))
+        rows.sort(key=_order)
+        if limit is not None:
+            rows = rows[len(rows) - limit :] if limit > 0 else []
+        return rows
 
     def cursor(self) -> Cursor:
         """The current end of every event table: `follow(after=reader.cursor())` shows only
@@ -278,7 +302,7 @@ def _select(kind: EventKind, flt: EventFilter) -> tuple[str, list[object]] | Non
             return None
         conditions.append("decision = ?")
         params.append(flt.decision)
-    if kind == "violation" and flt.ignored != "include":
+    if kind in BLOCKED_KINDS and flt.ignored != "include":
         conditions.append("ignored = ?")
         params.append(1 if flt.ignored == "only" else 0)
     if flt.session is not None:

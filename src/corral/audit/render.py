@@ -6,7 +6,9 @@ Styles:
 - "json":  one JSON object per row per line (the same as `export.write_jsonl`);
 - "auto":  "table" when `out` is a terminal, else "plain".
 `stream_events` (for `corral log --follow`) writes each row the moment it arrives instead: one
-JSON object, or one line with fixed widths for the short columns.
+JSON object, or one line with fixed widths for the short columns. `render_blocked` (for `corral
+violations`) lists filesystem violations and network denials in one table: each row's kind
+("file" or "network"), access, target and rule; in JSON each row also carries its `target`.
 
 Paths, hosts and argv come from inside the sandbox, i.e. from the code being contained. Every
 text cell is therefore escaped: a newline or an ANSI escape sequence in a file name must not
@@ -15,6 +17,7 @@ forge a log line or repaint the terminal, and `rich` markup in a name is shown, 
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from collections.abc import Iterable, Sequence
@@ -22,6 +25,7 @@ from typing import Literal, TextIO
 
 from corral.audit.export import write_jsonl
 from corral.audit.rows import (
+    BlockedRow,
     BridgeRow,
     EventRow,
     NetworkRow,
@@ -36,6 +40,7 @@ Resolved = Literal["table", "plain", "json"]
 SESSION_HEADERS = ("SESSION", "STARTED", "DURATION", "EXIT", "MODE", "BACKEND", "COMMAND")
 EVENT_HEADERS = ("TIME", "SESSION", "KIND", "DECISION", "TARGET", "RULE", "DETAIL")
 VIOLATION_HEADERS = ("TIME", "SESSION", "PID", "EXECUTABLE", "OPERATION", "PATH", "RULE")
+BLOCKED_HEADERS = ("TIME", "SESSION", "KIND", "ACCESS", "TARGET", "RULE", "DETAIL")
 # On a narrow terminal rich folds these long, free-form cells; the others keep their line.
 FOLDABLE = frozenset({"COMMAND", "TARGET", "DETAIL", "PATH", "RULE", "EXECUTABLE"})
 # A stream cannot measure its rows in advance, so its short columns get fixed widths: a
@@ -61,6 +66,16 @@ def render_events(rows: Sequence[EventRow], out: TextIO, *, style: Style = "auto
 def render_violations(rows: Sequence[ViolationRow], out: TextIO, *, style: Style = "auto") -> None:
     cells = [violation_cells(r) for r in rows]
     _render("Violations", VIOLATION_HEADERS, cells, rows, out, style)
+
+
+def render_blocked(rows: Sequence[BlockedRow], out: TextIO, *, style: Style = "auto") -> None:
+    """Refused attempts of both kinds (`AuditReader.blocked`), oldest first."""
+    if resolve_style(style, out) == "json":
+        for row in rows:
+            record = {**row.as_dict(), "target": blocked_target(row)}
+            out.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        return
+    _render("Blocked", BLOCKED_HEADERS, [blocked_cells(r) for r in rows], rows, out, style)
 
 
 def stream_events(rows: Iterable[EventRow], out: TextIO, *, style: Style = "auto") -> int:
@@ -135,10 +150,11 @@ def event_cells(row: EventRow) -> tuple[str, ...]:
         if row.reason:
             detail = f"{row.reason}; {detail}"
         target = host_port(row.host, row.port)
-        return (at, session, "network", row.decision, target, row.rule, detail)
+        decision = "ignored" if row.ignored else row.decision
+        return (at, session, "network", decision, target, row.rule, detail)
     if isinstance(row, ViolationRow):
         decision = "ignored" if row.ignored else "denied"
-        detail = f"{row.operation} by {row.executable or '?'} (pid {row.pid})"
+        detail = f"{row.operation}{_by(row)}"
         return (at, session, "violation", decision, row.path, row.rule, detail)
     assert isinstance(row, BridgeRow)
     detail = f"request {row.request_id}, decided by {row.decided_by}"
@@ -146,7 +162,7 @@ def event_cells(row: EventRow) -> tuple[str, ...]:
 
 
 def violation_cells(row: ViolationRow) -> tuple[str, ...]:
-    pid = "" if row.pid is None else str(row.pid)
+    pid = str(row.pid) if row.pid else ""  # 0: unknown (see _by)
     rule = f"{row.rule} (ignored)" if row.ignored else row.rule
     return (
         format_time(row.time),
@@ -157,6 +173,24 @@ def violation_cells(row: ViolationRow) -> tuple[str, ...]:
         row.path,
         rule,
     )
+
+
+def blocked_cells(row: BlockedRow) -> tuple[str, ...]:
+    rule = f"{row.rule} (ignored)" if row.ignored else row.rule
+    at, session = format_time(row.time), row.session_id
+    if isinstance(row, NetworkRow):
+        return (at, session, "network", "connect", blocked_target(row), rule, row.reason)
+    return (at, session, "file", row.operation, row.path, rule, _by(row).lstrip())
+
+
+def _by(row: ViolationRow) -> str:
+    # A violation read from the command's error output names no process (pid 0 or None).
+    return f" by {row.executable or '?'} (pid {row.pid})" if row.pid else ""
+
+
+def blocked_target(row: BlockedRow) -> str:
+    """The path, or `host:port`."""
+    return host_port(row.host, row.port) if isinstance(row, NetworkRow) else row.path
 
 
 # -- formatting --------------------------------------------------------------------------

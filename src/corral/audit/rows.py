@@ -51,6 +51,8 @@ class NetworkRow(NamedTuple):
     bytes_up: int
     bytes_down: int
     duration: float
+    ignored: bool = False
+    """A denial that matched an ignoreViolations rule (schema 4; False in older rows)."""
 
     @property
     def kind(self) -> Literal["network"]:
@@ -99,6 +101,10 @@ class BridgeRow(NamedTuple):
 
 EventRow = NetworkRow | ViolationRow | BridgeRow
 AnyRow = SessionRow | EventRow
+BlockedRow = NetworkRow | ViolationRow
+"""A refused attempt: a filesystem violation or a network denial (`corral violations`)."""
+# The kinds whose rows may be refused attempts, and so may carry `ignored`.
+BLOCKED_KINDS: tuple[EventKind, ...] = ("network", "violation")
 
 
 class SessionStory(NamedTuple):
@@ -116,7 +122,8 @@ SESSION_COLUMNS = (
 TABLES: dict[EventKind, tuple[str, str]] = {
     "network": (
         "network_events",
-        "id, time, session_id, host, port, decision, rule, reason, bytes_up, bytes_down, duration",
+        "id, time, session_id, host, port, decision, rule, reason, bytes_up, bytes_down, duration, "
+        "ignored",
     ),
     "violation": (
         "violations",
@@ -147,11 +154,10 @@ def session_from_db(row: tuple[object, ...]) -> SessionRow:
 
 
 def event_from_db(kind: EventKind, row: tuple[object, ...]) -> EventRow:
-    if kind == "network":
-        return NetworkRow(*row)  # type: ignore[arg-type]
-    if kind == "violation":
-        *head, ignored = row
-        return ViolationRow(*head, bool(ignored))  # type: ignore[arg-type, call-arg]
+    if kind in ("network", "violation"):
+        *head, ignored = row  # stored as 0 or 1
+        cls = NetworkRow if kind == "network" else ViolationRow
+        return cls(*head, bool(ignored))  # type: ignore[arg-type, call-arg]
     rowid, at, session_id, request_id, command, params, decision, decided_by = row
     return BridgeRow(
         rowid,  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ from corral.policy.model import HostPaths
 # inserts, small enough that one batch holds the write lock for milliseconds, so writers in
 # other processes are not starved.
 MAX_BATCH_EVENTS: Final = 4096
-# Rows per multi-row INSERT: 11 columns x 1,024 rows stays well under SQLite's limit of
+# Rows per multi-row INSERT: 12 columns x 1,024 rows stays well under SQLite's limit of
 # 32,766 parameters per statement (SQLITE_MAX_VARIABLE_NUMBER since 3.32). The rest of a
 # batch goes in power-of-two statements, so only 11 statement texts ever exist per table and
 # sqlite3's statement cache keeps them all prepared.
