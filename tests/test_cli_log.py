@@ -151,15 +151,18 @@ def test_log_show_tells_one_sessions_story(filled: Env, capsys: pytest.CaptureFi
     ]  # fmt: skip
 
 
-def test_violations_lists_only_violations(filled: Env, capsys: pytest.CaptureFixture[str]) -> None:
+def test_violations_lists_file_violations_and_network_denials(
+    filled: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["violations", "--json"]) == 0
     rows = json_lines(capsys.readouterr().out)
-    assert [(r["kind"], r["path"]) for r in rows] == [
-        ("violation", "/home/u/.ssh/id_rsa"), ("violation", "/etc/shadow"),
+    assert [(r["kind"], r["target"]) for r in rows] == [
+        ("violation", "/home/u/.ssh/id_rsa"), ("network", "evil.example:443"),
+        ("violation", "/etc/shadow"),
     ]  # fmt: skip
-    assert main(["violations", "--since", "1h"]) == 0
+    assert main(["violations", "--since", "1h", "--path", "/etc"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["TIME", "SESSION", "PID"]
+    assert lines[0].split()[:4] == ["TIME", "SESSION", "KIND", "ACCESS"]
     assert len(lines) == 2 and "/etc/shadow" in lines[1]
 
 

@@ -1,5 +1,9 @@
 """`corral log`, `corral log show` and `corral violations`: the audit log from the command line.
 
+`corral violations` lists every refused attempt, filesystem violations and network denials
+merged in time order; those an `ignoreViolations` rule covers are recorded but left out unless
+--all (everything) or --ignored (only those) asks for them (audit/violations.py).
+
 Each command first moves what `corral run` spooled into the log (audit/ingest.py), so what it
 shows is complete, then reads the log (audit/query.py) and renders it (audit/render.py): a
 table on a terminal, aligned plain columns in a pipe, JSON Lines with --json. With no log yet
@@ -24,9 +28,9 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from corral.audit.ingest import IngestReport
-    from corral.audit.query import AuditReader, EventFilter
+    from corral.audit.query import AuditReader, EventFilter, IgnoredFilter
     from corral.audit.render import Style
-    from corral.audit.rows import EventRow, SessionRow, SessionStory, ViolationRow
+    from corral.audit.rows import BlockedRow, EventRow, SessionRow, SessionStory
     from corral.errors import UsageError
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -71,8 +75,30 @@ def add_log_command(commands: Subparsers) -> None:
 
 
 def add_violations_command(commands: Subparsers) -> None:
-    violations = commands.add_parser("violations", help="filesystem accesses the sandbox refused")
+    violations = commands.add_parser(
+        "violations",
+        help="what the sandbox refused: filesystem accesses and network connections",
+        description="Filesystem violations and network denials in time order, each with its "
+        "kind, target and the rule that refused it. Those an ignoreViolations setting covers "
+        "are recorded but only shown with --all or --ignored.",
+    )
     _add_filters(violations, scope="violations")
+    shown = violations.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--all",
+        dest="ignored",
+        action="store_const",
+        const="include",
+        default="exclude",
+        help="also those an ignoreViolations setting covers",
+    )
+    shown.add_argument(
+        "--ignored",
+        dest="ignored",
+        action="store_const",
+        const="only",
+        help="only those an ignoreViolations setting covers",
+    )
     violations.add_argument("--json", action="store_true", help="JSON Lines, one object per row")
 
 
@@ -82,8 +108,8 @@ def _add_filters(parser: argparse.ArgumentParser, *, scope: Scope) -> None:
         parser.add_argument(
             "--kind", action="append", choices=EVENT_KINDS, help="only this kind (repeatable)"
         )
-        parser.add_argument("--domain", help="network events to this host or its subdomains")
         parser.add_argument("--decision", choices=("allow", "deny"), help="only these decisions")
+    parser.add_argument("--domain", help="network events to this host or its subdomains")
     parser.add_argument("--path", help="violations on this path or anything under it")
     when = 'a duration ago ("90s", "10m", "2h", "3d", "1w") or a local time ("2025-01-31T14:00")'
     parser.add_argument("--since", metavar="WHEN", help=f"from this time on: {when}")
@@ -129,17 +155,17 @@ def audit_locations(environ: Mapping[str, str]) -> tuple[str, str]:
 
 
 def _violations(args: argparse.Namespace) -> int:
-    from corral.audit.render import render_violations
+    from corral.audit.render import render_blocked
 
     times = _times(args)
-    rows: list[ViolationRow] = []
+    rows: list[BlockedRow] = []
     reader = _open_reader(audit_locations(os.environ))
     if reader is not None:
         with reader:
-            rows = reader.violations(_event_filter(args, reader, times))
+            rows = reader.blocked(_event_filter(args, reader, times))
     elif args.session:
         raise _no_session(args.session)
-    render_violations(rows, sys.stdout, style=_style(args.json))
+    render_blocked(rows, sys.stdout, style=_style(args.json))
     return 0
 
 
@@ -255,6 +281,7 @@ def _event_filter(
 ) -> EventFilter:
     from corral.audit.query import EventFilter
 
+    ignored: IgnoredFilter = getattr(args, "ignored", "include")  # `corral log` shows all
     return EventFilter(
         session=reader.session(args.session).id if args.session else None,
         kinds=tuple(dict.fromkeys(getattr(args, "kind", None) or ())),
@@ -263,6 +290,7 @@ def _event_filter(
         since=times[0],
         until=times[1],
         decision=getattr(args, "decision", None),
+        ignored=ignored,
         limit=args.limit or None,
     )
 

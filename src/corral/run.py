@@ -7,7 +7,8 @@ terminal already delivers Ctrl-C and Ctrl-\\ to the command itself, so corral ig
 and forwards only SIGTERM and SIGHUP.
 
 Breadcrumbs: when stderr is not a terminal (an agent reading a pipe), corral relays the
-command's stderr through itself and, at exit, names the rule behind each denial it saw.
+command's stderr through itself and records each denial it saw. At exit (unless --quiet) it
+prints one line per refused attempt, file or network, that ignoreViolations does not cover.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import IO
 
-from corral.audit.events import violation_event
 from corral.audit.record import (
     children_usage,
     record_session_end,
@@ -29,6 +29,7 @@ from corral.audit.record import (
     usage_since,
 )
 from corral.audit.spool import SpoolSink, spool_directory
+from corral.audit.violations import RunViolations
 from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
 from corral.policy.model import Policy
 from corral.process import SandboxProcess
@@ -44,17 +45,19 @@ def run_in_terminal(
 ) -> int:
     if timeout is None:
         timeout = policy.limits.timeout_seconds
-    watch = not quiet and not os.isatty(2)
+    # Not tied to --quiet: what was refused is recorded either way; --quiet only says nothing.
+    watch = not os.isatty(2)
     # Audit records go to an append-only spool on the launch path (cheap, nothing lost when
     # corral is killed); `corral log` moves them into the SQLite log when it reads.
     spool = SpoolSink(spool_directory(policy.host), os.urandom(6).hex())
-    sandbox = Sandbox(policy, sink=spool)
+    violations = RunViolations(spool, policy, argv)
+    sandbox = Sandbox(policy, sink=violations)
     before = children_usage()
     proc = sandbox.spawn(argv, stderr=subprocess.PIPE if watch else None)
     record_session_start(
         spool, proc.sandbox_id, policy=policy, argv=argv, cwd=os.getcwd(), backend=sandbox.backend
     )
-    relay = _StderrRelay(proc, policy) if watch else None
+    relay = _StderrRelay(proc, policy, violations) if watch else None
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         proc.send_signal(signum)
@@ -75,20 +78,9 @@ def run_in_terminal(
         status = TIMEOUT_STATUS
     if relay is not None:
         relay.join()
-        for crumb in relay.breadcrumbs:
-            print(f"corral: blocked {crumb}", file=sys.stderr)
-            # Seen in the command's own error output, so no pid or executable: the kernel-side
-            # monitor (the audit issue) records those.
-            spool.emit(
-                violation_event(
-                    proc.sandbox_id,
-                    pid=0,
-                    executable="",
-                    operation=crumb.access,
-                    path=crumb.path,
-                    rule=crumb.because,
-                )
-            )
+    if not quiet:
+        for line in violations.summary(proc.sandbox_id):
+            print(line, file=sys.stderr)
     record_session_end(spool, proc.sandbox_id, exit_code=status, resource_usage=usage_since(before))
     spool.close()
     sandbox.close()
@@ -96,14 +88,16 @@ def run_in_terminal(
 
 
 class _StderrRelay:
-    """Copies the command's stderr to ours as it arrives, scanning lines for denials."""
+    """Copies the command's stderr to ours as it arrives, scanning lines for denials and
+    recording each as it is seen (so the log has it at the time it happened)."""
 
-    def __init__(self, proc: SandboxProcess, policy: Policy) -> None:
+    def __init__(self, proc: SandboxProcess, policy: Policy, violations: RunViolations) -> None:
         assert proc.stderr is not None
         self._source: IO[bytes] = proc.stderr
         self._proc = proc
         self._cwd = policy.workspace
         self._policy = policy
+        self._violations = violations
         self.breadcrumbs: list[Breadcrumb] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -129,6 +123,7 @@ class _StderrRelay:
         ):
             if crumb not in self.breadcrumbs:
                 self.breadcrumbs.append(crumb)
+                self._violations.record_breadcrumbs(self._proc.sandbox_id, [crumb])
 
     def join(self) -> None:
         self._thread.join()
