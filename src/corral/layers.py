@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from corral.backends.cgroup import usable_cgroup_parent
 from corral.backends.fsplan import FilesystemPlan
 from corral.backends.landlock import enforcement, rules_for_plan
 from corral.backends.limits import limits_in_force
@@ -30,7 +31,9 @@ def layers_in_force(policy: Policy, facts: MachineFacts) -> list[tuple[str, str]
         rows.append(("landlock", f"ABI {facts.landlock_abi}, enforcement {enforcement(rules)}"))
     else:
         rows.append(("landlock", "not available on this kernel (mounts and seccomp remain)"))
-    rows += [(f"limits.{key}", how) for key, how in limits_in_force(policy.limits, facts)]
+    parent = usable_cgroup_parent(facts, policy.limits)
+    in_force = limits_in_force(policy.limits, facts, cgroup_parent=parent)
+    rows += [(f"limits.{key}", how) for key, how in in_force]
     return rows
 
 

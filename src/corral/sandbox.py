@@ -12,6 +12,7 @@ shell reports it: the command's own code, or 128 + N when signal N killed it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
     from corral.audit.events import Sink
 
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
+from corral.backends.cgroup import (
+    create_sandbox_cgroup,
+    join_cgroup,
+    remove_cgroup,
+    usable_cgroup_parent,
+)
 from corral.backends.facts import gather_disk_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
 from corral.backends.landlock import (
@@ -251,13 +258,19 @@ def _preexec(*, inherit: bool, rlimits: list[RLimit] | None) -> Callable[[], Non
     return both
 
 
-def _limit_then_release(proc: SandboxProcess, rlimits: list[RLimit], gate_w: int) -> None:
-    """Set the rlimits on the held sandbox's pid 1, then let bwrap start the command."""
+def _limit_then_release(
+    proc: SandboxProcess, rlimits: list[RLimit], gate_w: int, cgroup: str | None
+) -> None:
+    """Set the rlimits on the held sandbox's pid 1 (and move it into its cgroup, where one
+    was made), then let bwrap start the command."""
     try:
         init = proc.init_pid()
         if init is None:
             raise OSError("bubblewrap exited before the sandbox started")
         apply_rlimits(init, rlimits)
+        if cgroup is not None:
+            with contextlib.suppress(OSError):  # the rlimits hold without it
+                join_cgroup(cgroup, init)
     except OSError as exc:
         # Kill first: closing the gate would let bwrap run the command without limits.
         proc.kill()
@@ -386,6 +399,18 @@ class Sandbox:
             )
         return cwd
 
+    def _make_cgroup(self, facts: MachineFacts, sandbox_id: str) -> str | None:
+        """A cgroup v2 sub-tree for the sandbox where one is delegated to this user (memory,
+        pids for the whole sandbox); None otherwise, and the rlimits carry the limits."""
+        limits = self.policy.limits
+        parent = usable_cgroup_parent(facts, limits)
+        if parent is None:
+            return None
+        try:
+            return create_sandbox_cgroup(parent, sandbox_id, limits, own_pid=os.getpid())
+        except OSError:
+            return None
+
     def _native_landlock(
         self,
         plan: FilesystemPlan,
@@ -501,6 +526,7 @@ class Sandbox:
         parent_side: list[int] = []  # kept by the parent, closed only if the launch fails
         command_net = None
         journal = None
+        cgroup = self._make_cgroup(facts, sandbox_id) if held else None
         try:
             if network is not None:
                 command_net = network.for_command(sandbox_id)
@@ -578,6 +604,8 @@ class Sandbox:
                 os.close(fd)
             if journal is not None:
                 remove_placeholders(journal)
+            if cgroup is not None:
+                remove_cgroup(cgroup)
             if isinstance(exc, OSError):
                 raise LaunchError(f"could not start the sandbox: {exc}") from exc
             raise
@@ -595,9 +623,10 @@ class Sandbox:
             journal=journal,
             plan=plan,
             sandbox_id=sandbox_id,
+            cleanup=(lambda: remove_cgroup(cgroup)) if cgroup is not None else None,
         )
         if gate_w is not None:
-            _limit_then_release(proc, rlimits, gate_w)
+            _limit_then_release(proc, rlimits, gate_w, cgroup)
         return proc
 
     def run(
