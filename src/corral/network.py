@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from corral.audit.events import Sink
     from corral.policy.model import Policy
-    from corral.proxy.decision import Request
+    from corral.proxy.decision import Answer, Request
 
 Resolver = Callable[[str], list[str]]
 """A host name to its addresses (tests map test names to loopback servers)."""
-Ask = Callable[["Request"], str]
-"""Decides a host in neither domain list: "once", "always" or "deny" (anything else denies).
-Called on the proxy's worker thread, one question at a time."""
+Ask = Callable[["Request"], "str | Answer"]
+"""Decides a host in neither domain list: "once", "always" or "deny" (anything else denies), or
+an `Answer` naming one of those and how it was reached, for the audit record. Called on the
+proxy's worker thread, one question at a time."""
 Notify = Callable[[str], None]
 """Receives the one-line message for each refused connection."""
 

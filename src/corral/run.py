@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from corral.audit.record import (
     children_usage,
@@ -34,6 +34,10 @@ from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
 from corral.policy.model import Policy
 from corral.process import SandboxProcess
 from corral.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from corral.ask import NotAsked, TerminalAsk
+    from corral.backends.bubblewrap import Session
 
 TIMEOUT_STATUS = 124  # what coreutils' timeout(1) returns, so scripts can tell the two apart
 MAX_BREADCRUMBS = 10
@@ -51,9 +55,11 @@ def run_in_terminal(
     # corral is killed); `corral log` moves them into the SQLite log when it reads.
     spool = SpoolSink(spool_directory(policy.host), os.urandom(6).hex())
     violations = RunViolations(spool, policy, argv)
-    sandbox = Sandbox(policy, sink=violations)
+    session: Session = "inherit" if os.isatty(0) else "new"  # Sandbox.spawn's own default
+    ask = _ask_for_run(policy, session=session, quiet=quiet)
+    sandbox = Sandbox(policy, sink=violations, ask=ask)
     before = children_usage()
-    proc = sandbox.spawn(argv, stderr=subprocess.PIPE if watch else None)
+    proc = sandbox.spawn(argv, stderr=subprocess.PIPE if watch else None, session=session)
     record_session_start(
         spool, proc.sandbox_id, policy=policy, argv=argv, cwd=os.getcwd(), backend=sandbox.backend
     )
@@ -76,6 +82,8 @@ def run_in_terminal(
         if not quiet:
             print(f"corral: killed the sandbox after {timeout:g} s (--timeout)", file=sys.stderr)
         status = TIMEOUT_STATUS
+    if ask is not None:
+        ask.close()  # a question still waiting ends, denied: the command is gone
     if relay is not None:
         relay.join()
     if not quiet:
@@ -85,6 +93,16 @@ def run_in_terminal(
     spool.close()
     sandbox.close()
     return status
+
+
+def _ask_for_run(policy: Policy, *, session: Session, quiet: bool) -> TerminalAsk | NotAsked | None:
+    """Who decides hosts in neither domain list when the settings say "ask" (`corral.ask`,
+    imported only then): the person at this terminal, or nobody, said once."""
+    if policy.network.unknown_domains != "ask":
+        return None
+    from corral.ask import ask_for_run
+
+    return ask_for_run(policy, stdin_is_terminal=os.isatty(0), session=session, quiet=quiet)
 
 
 class _StderrRelay:

@@ -6,8 +6,8 @@ The order of the checks is the policy (rules 1-4 run before connecting, 5-7 afte
 3. A host in `allowedDomains` is allowed.
 4. An IP literal in neither list is refused without asking: an address says nothing a person
    can judge, and allowing one by accident opens the host's own services.
-5. Any other host is put to the `ask` callback ("once", "always" or "deny"); without one it is
-   refused.
+5. Any other host is put to the `ask` callback ("once", "always" or "deny", or an `Answer`
+   that also says how it was answered); without one it is refused.
 6. After resolving an allowed name, an address in `deniedDomains` is refused, and so is a
    loopback, link-local, private or otherwise non-global address unless that address (or a
    CIDR holding it) is itself in `allowedDomains`: a name an attacker controls must not lead
@@ -61,7 +61,16 @@ class Decision(NamedTuple):
     """One sentence for a person: the host, the rule and where the rule came from."""
 
 
-Ask = Callable[[Request], str]
+class Answer(NamedTuple):
+    """What an `ask` callback may return instead of a bare "once", "always" or "deny": the
+    choice and how it came about, which the audit record keeps in its reason ("no answer
+    within 60 s", "added to network.allowedDomains in ...")."""
+
+    choice: str
+    detail: str = ""
+
+
+Ask = Callable[[Request], "str | Answer"]
 
 
 class Entry(NamedTuple):
@@ -137,12 +146,14 @@ def decide_by_lists(request: Request, rules: DomainRules) -> Decision | None:
     return None
 
 
-def decision_from_answer(request: Request, answer: str) -> Decision:
+def decision_from_answer(request: Request, answer: str | Answer) -> Decision:
     """Rule 5, given what `ask` answered; an answer other than once/always/deny denies."""
-    if answer in ("once", "always"):
-        return Decision(True, f"ask: {answer}", f"{request.host} was allowed when asked")
-    if answer == "deny":
-        return Decision(False, "ask: deny", f"{request.host} was denied when asked")
+    choice, detail = answer if isinstance(answer, Answer) else (answer, "")
+    how = f": {detail}" if detail else " when asked"
+    if choice in ("once", "always"):
+        return Decision(True, f"ask: {choice}", f"{request.host} was allowed{how}")
+    if choice == "deny":
+        return Decision(False, "ask: deny", f"{request.host} was denied{how}")
     return Decision(False, "ask: invalid", f"the ask callback answered {answer!r}")
 
 

@@ -40,6 +40,9 @@ def denial_line(fields: Mapping[str, object], *, settings_file: str) -> str | No
     if rule == "default-deny":
         add: tuple[str, object] = ("allowedDomains", _spelled(host))
         why = "not in network.allowedDomains"
+    elif rule == "ask: deny":
+        add = ("allowedDomains", _spelled(host))
+        why = escape(reason)
     elif rule == "ip-literal":
         add = ("allowedDomains", _spelled(host))
         why = "an IP address that network.allowedDomains does not list"

@@ -196,7 +196,7 @@ class ProxyContext:
             except Exception as exc:  # the callback is foreign code; a failure denies
                 return Decision(False, "ask: failed", f"the ask callback failed: {exc!r}")
         decision = decision_from_answer(request, answer)
-        if answer == "always":
+        if decision.rule == "ask: always":
             pattern = DomainPattern("exact", normalize_host(request.host))
             self._shared.rules = self.rules.allowing(pattern, Origin("ask", "always"))
         return decision
