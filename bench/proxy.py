@@ -29,7 +29,11 @@ client -> the launcher's forwarder -> (its socket passed over the channel) -> th
 Optional comparison: when `node` and `npm` are present and `npm install
 @anthropic-ai/sandbox-runtime` works into a temporary directory, its HTTP proxy
 (`createHttpProxyServer` with a filter allowing everything) is timed on the host as one more
-CONNECT path. Otherwise the reason it was skipped is printed.
+CONNECT path, for throughput and for short connections. That proxy runs without its sandbox
+(whose clients reach it through a socat bridge), so its figures are an upper bound for it,
+while corral's are measured from inside a sandbox; for short connections, the same client
+is also run by its `srt` CLI (bubblewrap, socat, its token-checking proxy) when bwrap, socat
+and rg are installed. Otherwise the reason each was skipped is printed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import shutil
 import socket
 import socketserver
@@ -47,7 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # corral is imported by the driver only: the clients run inside sandboxes
     from corral.sandbox import Sandbox
@@ -174,9 +179,27 @@ def _socks(port: int) -> socket.socket:
     return sock
 
 
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(_address(HTTP_PROXY))
-    sock.sendall(f"CONNECT {NAME}:{port} HTTP/1.1\r\n\r\n".encode())
+def _proxy_from_environment() -> tuple[str, str]:
+    """(host:port, extra header lines) of $HTTP_PROXY, whose user info (sandbox-runtime puts
+    its session token there) becomes a Proxy-Authorization header."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    url = urlsplit(os.environ["HTTP_PROXY"])
+    header = ""
+    if url.username is not None:
+        token = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
+        header = f"Proxy-Authorization: Basic {base64.b64encode(token).decode()}\r\n"
+    return f"{url.hostname}:{url.port}", header
+
+
+def _connect(port: int, proxy: str = HTTP_PROXY, target: str = NAME) -> socket.socket:
+    """A CONNECT tunnel through `proxy` (host:port, or "env": $HTTP_PROXY, with its user info)."""
+    header = ""
+    if proxy == "env":
+        proxy, header = _proxy_from_environment()
+    sock = socket.create_connection(_address(proxy))
+    sock.sendall(f"CONNECT {target}:{port} HTTP/1.1\r\n{header}\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(4096)
@@ -185,21 +208,24 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
-def open_to(via: str, port: int) -> socket.socket:
+def open_to(via: str, port: int, proxy: str, target: str) -> socket.socket:
     if via == "socks":
         return _socks(port)
     if via == "connect":
-        return _connect(port)
+        return _connect(port, proxy, target)
     return socket.create_connection(("127.0.0.1", port))
 
 
-def client_rate(via: str, port: int, count: int) -> None:
-    """Print exchanges per second: `count` exchanges, each on a new connection."""
+def client_rate(
+    via: str, port: int, count: int, *, proxy: str = HTTP_PROXY, target: str = NAME
+) -> None:
+    """Print exchanges per second: `count` exchanges, each on a new connection (CONNECT goes
+    to `proxy`, asking for `target`:`port`)."""
     per_thread = count // CLIENT_THREADS
 
     def worker() -> None:
         for _ in range(per_thread):
-            with open_to(via, port) as sock:
+            with open_to(via, port, proxy, target) as sock:
                 sock.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
                 _read_to_end(sock)
 
@@ -270,7 +296,7 @@ def curl_args(via: str) -> list[str]:
 
 
 def measure_throughput(
-    sandbox: Sandbox, env: dict[str, str], ports: tuple[int, int], repeat: int, srt: int | None
+    sandbox: Sandbox, env: dict[str, str], ports: tuple[int, int], repeat: int, srt: Srt | None
 ) -> dict[str, float]:
     """Median bytes/s per path; `ports` are the download server's and the reference relay's."""
     port, relay_port = ports
@@ -288,21 +314,58 @@ def measure_throughput(
             out = inside(sandbox, env, [*curl, *curl_args(via), f"http://{NAME}:{port}/big"])
             speeds.setdefault(f"{via} from the sandbox", []).append(float(out))
         if srt is not None:
-            proxy = ["-p", "-x", f"http://127.0.0.1:{srt}"]
+            proxy = ["-p", "-x", f"http://127.0.0.1:{srt.port}"]
             on_host("sandbox-runtime CONNECT (host)", proxy, f"http://127.0.0.1:{port}/big")
     return {name: statistics.median(values) for name, values in speeds.items()}
 
 
-def measure_rates(sandbox: Sandbox, env: dict[str, str], port: int, count: int) -> dict[str, float]:
+def measure_rates(
+    sandbox: Sandbox, env: dict[str, str], port: int, count: int, srt: Srt | None
+) -> dict[str, float]:
     client = [sys.executable, os.path.abspath(__file__), "--client", "rate"]
     args = ["--port", str(port), "--count", str(count)]
-    direct = subprocess.run([*client, *args, "--via", "direct"], capture_output=True, text=True)
-    rates = {"direct (host)": float(direct.stdout)}
+
+    def on_host(*extra: str) -> float:
+        done = subprocess.run([*client, *args, *extra], capture_output=True, text=True, check=True)
+        return float(done.stdout)
+
+    rates = {"direct (host)": on_host("--via", "direct")}
     python = os.path.realpath(sys.executable)  # the venv's link may not resolve inside
     for via, name in (("socks", "SOCKS5"), ("connect", "CONNECT")):
         argv = [python, os.path.abspath(__file__), "--client", "rate", *args, "--via", via]
         rates[f"{name} from the sandbox"] = float(inside(sandbox, env, argv))
+    if srt is not None:
+        # Its proxy alone, on the host: without its sandbox's socat bridge in front, so this
+        # is the most it could reach.
+        proxy = ["--proxy", f"127.0.0.1:{srt.port}", "--target", "127.0.0.1"]
+        rates["sandbox-runtime CONNECT (host)"] = on_host("--via", "connect", *proxy)
+        rate, why = rate_inside_srt(srt, [python, *client[1:], *args])
+        if rate is None:
+            print(f"sandbox-runtime from its sandbox: skipped: {why}")
+        else:
+            rates["sandbox-runtime CONNECT from its sandbox"] = rate
     return rates
+
+
+def rate_inside_srt(srt: Srt, client: list[str]) -> tuple[float | None, str]:
+    """The rate client run by sandbox-runtime's own CLI (bubblewrap, its socat bridge, its
+    proxy with a session token), as its users' commands run; or (None, why not)."""
+    missing = [tool for tool in ("bwrap", "socat", "rg") if shutil.which(tool) is None]
+    if missing:
+        return None, f"its CLI needs {', '.join(missing)}"
+    settings = os.path.join(os.path.dirname(srt.cli), "bench-settings.json")
+    with open(settings, "w") as f:
+        f.write(SRT_SETTINGS)
+    # Its NO_PROXY lists 127.0.0.1, so the client is told to use $HTTP_PROXY regardless.
+    command = shlex.join([*client, "--via", "connect", "--proxy", "env", "--target", "127.0.0.1"])
+    done = subprocess.run(
+        [srt.cli, "--settings", settings, "-c", command], capture_output=True, text=True
+    )
+    last = (done.stdout.strip().splitlines() or [""])[-1]
+    try:
+        return float(last), ""
+    except ValueError:
+        return None, f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"
 
 
 def rss_mb() -> float:
@@ -346,6 +409,20 @@ def measure_launch(filtered: Sandbox, local: Sandbox, env: dict[str, str], n: in
 
 # --- sandbox-runtime (optional) --------------------------------------------------------------
 
+SRT_SETTINGS = """{
+  "network": {"allowedDomains": ["127.0.0.1"], "deniedDomains": []},
+  "filesystem": {"denyRead": [], "allowWrite": [], "denyWrite": []}
+}
+"""
+
+
+class Srt(NamedTuple):
+    port: int
+    """Its HTTP proxy's, started on its own on the host."""
+    cli: str
+    """Its `srt` command."""
+
+
 SRT_DRIVER = """
 import { createHttpProxyServer } from '%s';
 const server = createHttpProxyServer({ filter: () => true });
@@ -353,8 +430,8 @@ server.listen(0, '127.0.0.1', () => console.log(server.address().port));
 """
 
 
-def start_srt(scratch: str) -> tuple[subprocess.Popen[str] | None, int | None, str]:
-    """sandbox-runtime's HTTP proxy, or (None, None, why it was skipped)."""
+def start_srt(scratch: str) -> tuple[subprocess.Popen[str] | None, Srt | None, str]:
+    """sandbox-runtime's HTTP proxy and CLI, or (None, None, why it was skipped)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         return None, None, "node or npm is not installed"
     where = os.path.join(scratch, "srt")
@@ -381,7 +458,7 @@ def start_srt(scratch: str) -> tuple[subprocess.Popen[str] | None, int | None, s
     if not line.isdigit():
         process.kill()
         return None, None, f"its proxy did not start (printed {line!r})"
-    return process, int(line), ""
+    return process, Srt(int(line), os.path.join(where, "node_modules/.bin/srt")), ""
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -425,17 +502,17 @@ def run(args: argparse.Namespace) -> None:
     try:
         port = start_child("--serve-downloads", str(args.megabytes << 20))
         relay_port = start_child("--serve-relay", str(port))
-        srt_port = None
+        srt_info = None
         if args.no_srt:
             print("sandbox-runtime: skipped (--no-srt)")
         else:
-            srt, srt_port, why = start_srt(scratch)
+            srt, srt_info, why = start_srt(scratch)
             print(f"sandbox-runtime: skipped: {why}" if srt is None else "sandbox-runtime: on")
             children += [srt] if srt is not None else []
         filtered, env = make_sandbox(scratch, filtered=True)
         local, _ = make_sandbox(scratch, filtered=False)
         with filtered, local:
-            report(args, filtered, local, env, (port, relay_port), srt_port)
+            report(args, filtered, local, env, (port, relay_port), srt_info)
     finally:
         for child in children:
             child.terminate()
@@ -449,19 +526,19 @@ def report(
     local: Sandbox,
     env: dict[str, str],
     ports: tuple[int, int],
-    srt_port: int | None,
+    srt: Srt | None,
 ) -> None:
     port = ports[0]
     python = sys.version.split()[0]
     print(f"machine: {os.cpu_count()} CPUs, Linux {os.uname().release}, Python {python}")
     print(f"\n## Throughput: {args.megabytes} MB download with curl, median of {args.repeat}\n")
-    speeds = measure_throughput(filtered, env, ports, args.repeat, srt_port)
+    speeds = measure_throughput(filtered, env, ports, args.repeat, srt)
     tunnels = ("CONNECT from the sandbox", "SOCKS5 from the sandbox")
     table(speeds, "MB/s", 1e6, target=lambda name: name in tunnels)
 
     exchanges = f"{args.connections} request/response exchanges"
     print(f"\n## Short connections: {exchanges}, {CLIENT_THREADS} threads\n")
-    rates = measure_rates(filtered, env, port, args.connections)
+    rates = measure_rates(filtered, env, port, args.connections, srt)
     print("| path | connections/s | / direct |\n|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.0f} | {rate / rates['direct (host)']:.2f} |")
@@ -491,13 +568,15 @@ def main() -> None:
     parser.add_argument("--via", choices=["direct", "socks", "connect"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--proxy", default=HTTP_PROXY, help=argparse.SUPPRESS)
+    parser.add_argument("--target", default=NAME, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_downloads is not None:
         serve_downloads(args.serve_downloads)
     elif args.serve_relay is not None:
         serve_relay(args.serve_relay)
     elif args.client == "rate":
-        client_rate(args.via, args.port, args.count)
+        client_rate(args.via, args.port, args.count, proxy=args.proxy, target=args.target)
     elif args.client == "hold":
         client_hold(args.port, args.count)
     else:
