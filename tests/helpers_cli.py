@@ -49,6 +49,7 @@ def run_cli(
         stdin=subprocess.DEVNULL if input is None else None,
         capture_output=True,
         pass_fds=pass_fds,
+        start_new_session=True,  # no controlling terminal: nobody could answer a question
         timeout=60,
     )
 

@@ -77,7 +77,7 @@ def asker(settings_file: str, terminal: ScriptedTerminal) -> TerminalAsk:
 
 
 @pytest.mark.parametrize(
-    ("stdin_is_terminal", "session", "mode"),
+    ("has_terminal", "session", "mode"),
     [
         (True, "new", "prompt"),
         (True, "inherit", "shares-terminal"),
@@ -85,12 +85,12 @@ def asker(settings_file: str, terminal: ScriptedTerminal) -> TerminalAsk:
         (False, "inherit", "no-terminal"),
     ],
 )
-def test_ask_mode(stdin_is_terminal: bool, session: str, mode: str) -> None:
-    assert ask_mode(stdin_is_terminal=stdin_is_terminal, session=session) == mode  # type: ignore[arg-type]
+def test_ask_mode(has_terminal: bool, session: str, mode: str) -> None:
+    assert ask_mode(has_terminal=has_terminal, session=session) == mode  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
-    ("unknown_domains", "stdin_is_terminal", "session", "expected"),
+    ("unknown_domains", "has_terminal", "session", "expected"),
     [
         ("deny", True, "new", type(None)),
         ("ask", True, "new", TerminalAsk),
@@ -99,13 +99,13 @@ def test_ask_mode(stdin_is_terminal: bool, session: str, mode: str) -> None:
     ],
 )
 def test_ask_for_run(
-    layout: Layout, unknown_domains: str, stdin_is_terminal: bool, session: str, expected: type
+    layout: Layout, unknown_domains: str, has_terminal: bool, session: str, expected: type
 ) -> None:
     policy = preset_policy("standard", layout.host())
     network = NetworkPolicy("filtered", unknown_domains=unknown_domains)  # type: ignore[arg-type]
     callback = ask_for_run(
         policy._replace(network=network),
-        stdin_is_terminal=stdin_is_terminal,
+        has_terminal=has_terminal,
         session=session,  # type: ignore[arg-type]
         quiet=True,
     )

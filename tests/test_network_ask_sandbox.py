@@ -143,4 +143,22 @@ def test_corral_run_without_a_terminal_denies_and_says_so_once(
     done = run_cli(layout, "--", "bash", "-c", CURL_BOTH)
     assert_only_listed_got_out(upstream)
     assert done.stderr.count(NOTE) == 1, done.stderr
-    assert b"there is no terminal to ask on (stdin is not one)" in done.stderr
+    assert b"there is no terminal to ask on" in done.stderr
+
+
+def test_corral_run_asks_on_its_terminal_when_the_command_does_not_share_it(
+    layout: Layout, upstream: LoopbackServer
+) -> None:
+    # An agent's tool call: corral belongs to a terminal, the command's stdin is not it.
+    _ask_settings(layout, upstream)
+    script = "curl -sS -m 20 http://unknown.test/ >/dev/null; echo done"
+    command = " ".join(corral_run("--", "bash", "-c", f"'{script}'"))
+    with Terminal(
+        ["sh", "-c", f"exec {command} < /dev/null"], cwd=layout.workspace, env=layout.env
+    ) as tty:
+        tty.expect(b"Allow it?")
+        tty.send(b"o\n")
+        tty.expect(b"done")
+        tty.finish()
+    connects = [r for r in upstream.requests if r.startswith(b"CONNECT")]
+    assert connects == [b"CONNECT unknown.test:80 HTTP/1.1"]

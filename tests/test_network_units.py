@@ -250,3 +250,12 @@ def test_notices_pass_everything_on_and_print_each_denial_once() -> None:
     assert len(sink.events) == 5
     assert len(lines) == 2  # once per sandbox
     assert all(line.startswith("corral: blocked connection to x.test:80 ") for line in lines)
+
+
+def test_an_ignored_denial_prints_no_line() -> None:
+    from corral.proxy.notice import denial_line
+
+    fields = {"host": "noisy.example", "port": 443, "decision": "deny", "rule": "default-deny"}
+    assert denial_line(fields, settings_file="/w/.corral/settings.local.json") is not None
+    ignored = {**fields, "ignored": True}
+    assert denial_line(ignored, settings_file="/w/.corral/settings.local.json") is None

@@ -6,10 +6,11 @@ person at the terminal.
 
 (one line; folded here). Rules:
 1. Asked only when a person can answer and the command cannot get in the way (`ask_mode`):
-   corral's stdin is a terminal, and the command runs in a session of its own. With an
-   inherited session the command is the terminal's foreground program and reads the very
-   keystrokes meant for the question, so corral asks nothing, denies, and says so once.
-   Without a terminal there is nobody to ask: the same.
+   corral has a controlling terminal (/dev/tty opens), and the command runs in a session of
+   its own (its stdin is not the terminal, e.g. an agent's tool call run from a terminal
+   session). With an inherited session the command is the terminal's foreground program and
+   reads the very keystrokes meant for the question, so corral asks nothing, denies, and says
+   so once. Without a terminal there is nobody to ask: the same.
 2. The question can only be answered by keystrokes typed after it appeared: input waiting
    from before is discarded first. The command cannot type into the terminal (seccomp blocks
    TIOCSTI), so at worst it swallows the answer, and the question then ends as a denial.
@@ -71,9 +72,9 @@ ANSWERS: dict[str, AskAnswer] = {
 }
 
 
-def ask_mode(*, stdin_is_terminal: bool, session: Session) -> AskMode:
+def ask_mode(*, has_terminal: bool, session: Session) -> AskMode:
     """Rule 1: whether a question can be put, and if not, why."""
-    if not stdin_is_terminal:
+    if not has_terminal:
         return "no-terminal"
     if session == "inherit":
         return "shares-terminal"
@@ -81,7 +82,7 @@ def ask_mode(*, stdin_is_terminal: bool, session: Session) -> AskMode:
 
 
 NOT_ASKED = {
-    "no-terminal": "there is no terminal to ask on (stdin is not one)",
+    "no-terminal": "there is no terminal to ask on",
     "shares-terminal": "the command shares this terminal and would read the answer",
 }
 
@@ -299,12 +300,12 @@ class NotAsked:
 
 
 def ask_for_run(
-    policy: Policy, *, stdin_is_terminal: bool, session: Session, quiet: bool
+    policy: Policy, *, has_terminal: bool, session: Session, quiet: bool
 ) -> TerminalAsk | NotAsked | None:
     """The `Ask` callback `corral run` gives its Sandbox: None unless the settings say "ask"."""
     if policy.network.unknown_domains != "ask":
         return None
-    mode = ask_mode(stdin_is_terminal=stdin_is_terminal, session=session)
+    mode = ask_mode(has_terminal=has_terminal, session=session)
     if mode != "prompt":
         return NotAsked(mode, notify=None if quiet else write_to_stderr)
     return TerminalAsk(f"{policy.host.project_settings_dir}/settings.local.json")
@@ -360,3 +361,13 @@ def _write_atomically(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise SettingsError(f"cannot write the file: {exc.strerror}", file=path) from None
+
+
+def has_controlling_terminal() -> bool:
+    """Whether /dev/tty opens: a person may be at a terminal that this process belongs to."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True

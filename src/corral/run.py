@@ -100,9 +100,10 @@ def _ask_for_run(policy: Policy, *, session: Session, quiet: bool) -> TerminalAs
     imported only then): the person at this terminal, or nobody, said once."""
     if policy.network.unknown_domains != "ask":
         return None
-    from corral.ask import ask_for_run
+    from corral.ask import ask_for_run, has_controlling_terminal
 
-    return ask_for_run(policy, stdin_is_terminal=os.isatty(0), session=session, quiet=quiet)
+    terminal = has_controlling_terminal()
+    return ask_for_run(policy, has_terminal=terminal, session=session, quiet=quiet)
 
 
 class _StderrRelay:

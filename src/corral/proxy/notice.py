@@ -29,9 +29,10 @@ MAX_HOST_SHOWN = 253  # the longest legal host name; anything longer is cut
 
 
 def denial_line(fields: Mapping[str, object], *, settings_file: str) -> str | None:
-    """The line for a network event, or None when it is no denial of a named target."""
+    """The line for a network event, or None when it is no denial of a named target, or one
+    the settings' ignoreViolations silence (still recorded, not shown)."""
     host = str(fields.get("host") or "")
-    if fields.get("decision") != "deny" or not host:
+    if fields.get("decision") != "deny" or not host or fields.get("ignored"):
         return None
     port = fields.get("port")
     rule, reason = str(fields.get("rule", "")), str(fields.get("reason", ""))
