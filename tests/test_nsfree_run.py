@@ -11,8 +11,9 @@ import socket
 
 import pytest
 
+from corral.launch import choose_backend
 from corral.probe import probe
-from corral.sandbox import RunResult, Sandbox, choose_backend
+from corral.sandbox import RunResult, Sandbox
 from tests.conftest import BASHRC, SECRET, Layout
 
 pytestmark = pytest.mark.usefixtures("sandbox_available")

@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 from collections.abc import Callable
+from typing import IO
 
 from corral.backends.bubblewrap import Session
 from corral.backends.fsplan import FilesystemPlan
@@ -220,3 +221,61 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+def communicate(
+    proc: SandboxProcess, input: bytes | None, timeout: float | None
+) -> tuple[bytes | None, bytes | None, bool]:
+    try:
+        out, err = proc.communicate(input, timeout)
+        return out, err, False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return out, err, True
+
+
+def capture_bounded(
+    proc: SandboxProcess, input: bytes | None, timeout: float | None, limit: int
+) -> tuple[bytes, bytes, bool, bool]:
+    """Like communicate, but keep at most `limit` bytes of each stream and drain the rest, so
+    a command cannot exhaust corral's memory through its output."""
+    import threading
+
+    kept: dict[str, list[bytes]] = {"out": [], "err": []}
+    over: list[str] = []
+
+    def read(name: str, stream: IO[bytes]) -> None:
+        size = 0
+        while chunk := stream.read1(65536):  # type: ignore[attr-defined]
+            take = chunk[: max(limit - size, 0)]
+            size += len(take)
+            kept[name].append(take)
+            if len(take) < len(chunk):
+                over.append(name)
+        stream.close()
+
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=read, args=("out", proc.stdout), daemon=True),
+        threading.Thread(target=read, args=("err", proc.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    if proc.stdin is not None:
+        try:
+            if input:
+                proc.stdin.write(input)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+    timed_out = False
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    for reader in readers:
+        reader.join()
+    return b"".join(kept["out"]), b"".join(kept["err"]), timed_out, bool(over)

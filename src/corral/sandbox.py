@@ -12,12 +12,10 @@ shell reports it: the command's own code, or 128 + N when signal N killed it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
@@ -26,7 +24,6 @@ if TYPE_CHECKING:
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.cgroup import (
     create_sandbox_cgroup,
-    join_cgroup,
     remove_cgroup,
     usable_cgroup_parent,
 )
@@ -43,18 +40,25 @@ from corral.backends.landlock import (
 )
 from corral.backends.landlock_exec import launcher_image
 from corral.backends.limits import (
-    RLimit,
     apply_point,
-    apply_rlimits,
     launch_rlimits,
-    make_preexec,
-    release_gate,
 )
 from corral.backends.placeholders import create_placeholders, remove_placeholders, sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
 from corral.errors import LaunchError, SandboxUnavailable, UsageError
 from corral.inner import Prepared, compiled_script, script_argv
 from corral.inner import prepare as prepare_ruleset
+from corral.launch import (
+    child_path,
+    choose_backend,
+    ensure_empty_file,
+    limit_then_release,
+    memfd_exec_allowed,
+    preexec_for,
+    resolve_command,
+    sandbox_environment,
+    terminal_shim,
+)
 from corral.network import (
     Ask,
     NetworkService,
@@ -62,11 +66,10 @@ from corral.network import (
     add_network_environment,
     start_network,
 )
-from corral.policy.environment import scrub_environment
 from corral.policy.model import Policy
 from corral.policy.paths import is_within
-from corral.probe import MachineFacts, can_use_namespaces, probe
-from corral.process import SandboxProcess
+from corral.probe import MachineFacts, probe
+from corral.process import SandboxProcess, capture_bounded, communicate
 
 File = int | IO[bytes] | IO[str] | None
 
@@ -80,219 +83,6 @@ class RunResult(NamedTuple):
     sandbox_id: str
     truncated: bool = False
     """Captured output went past the policy's outputBytes: the rest was read and dropped."""
-
-
-def sandbox_environment(policy: Policy, environ: Mapping[str, str]) -> dict[str, str]:
-    """The command's environment: secrets removed, caches and temp dirs pointed inside."""
-    env, _removed = scrub_environment(environ, policy.env)
-    if policy.filesystem.private_tmp:
-        env["TMPDIR"] = "/tmp"
-    else:
-        env.pop("TMPDIR", None)
-    cache = policy.package_cache
-    if cache is not None:
-        # Each tool gets a private, persistent cache per workspace instead of failing on, or
-        # poisoning, the user's real caches.
-        env.update(
-            XDG_CACHE_HOME=f"{cache}/xdg",
-            PIP_CACHE_DIR=f"{cache}/pip",
-            UV_CACHE_DIR=f"{cache}/uv",
-            npm_config_cache=f"{cache}/npm",
-            CARGO_HOME=f"{cache}/cargo",
-            GOMODCACHE=f"{cache}/go/mod",
-            GOCACHE=f"{cache}/go/build",
-        )
-        env.setdefault("RUSTUP_HOME", f"{policy.host.home}/.rustup")
-    env["CORRAL_SANDBOX"] = "1"
-    env["CORRAL_MODE"] = policy.mode
-    return env
-
-
-# Process groups and terminal signals. bwrap has no SIGINT handler: a Ctrl-C that reached it
-# would kill it, and with it the whole sandbox. So bwrap never receives the terminal's signals:
-# - session "new": bwrap gets a process group of its own; the terminal's Ctrl-C reaches only
-#   corral, which forwards it to the sandboxed process group (see SandboxProcess.send_signal).
-# - session "inherit": the command must stay in the terminal's foreground group, so bwrap is
-#   started with SIGINT and SIGQUIT ignored, and a one-line shim restores them to the default
-#   just before exec'ing the command (an ignored signal would otherwise be inherited).
-# The launcher for a command that shares the user's terminal when there is no Landlock
-# launcher to do it: SIGINT and SIGQUIT back to their defaults (bwrap starts with them
-# ignored), and SIGPIPE and SIGXFSZ too, which Python ignores for itself and an exec'd command
-# would otherwise inherit (`yes | head` would see EPIPE instead of dying).
-_RESET_TERMINAL_SIGNALS = (
-    "import _signal, os, sys\n"
-    "for n in (2, 3, 13, 25): _signal.signal(n, _signal.SIG_DFL)\n"
-    "os.execvp(sys.argv[1], sys.argv[1:])\n"
-)
-
-
-def terminal_shim() -> list[str]:
-    # The interpreter's real path lies under /usr in a Debian-style install, which every mode
-    # can read; -I -S keeps its start-up to the minimum.
-    return [os.path.realpath(sys.executable), "-I", "-S", "-c", _RESET_TERMINAL_SIGNALS]
-
-
-def _ignore_terminal_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-
-
-def _communicate(
-    proc: SandboxProcess, input: bytes | None, timeout: float | None
-) -> tuple[bytes | None, bytes | None, bool]:
-    try:
-        out, err = proc.communicate(input, timeout)
-        return out, err, False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return out, err, True
-
-
-def _capture_bounded(
-    proc: SandboxProcess, input: bytes | None, timeout: float | None, limit: int
-) -> tuple[bytes, bytes, bool, bool]:
-    """Like communicate, but keep at most `limit` bytes of each stream and drain the rest, so
-    a command cannot exhaust corral's memory through its output."""
-    import threading
-
-    kept: dict[str, list[bytes]] = {"out": [], "err": []}
-    over: list[str] = []
-
-    def read(name: str, stream: IO[bytes]) -> None:
-        size = 0
-        while chunk := stream.read1(65536):  # type: ignore[attr-defined]
-            take = chunk[: max(limit - size, 0)]
-            size += len(take)
-            kept[name].append(take)
-            if len(take) < len(chunk):
-                over.append(name)
-        stream.close()
-
-    assert proc.stdout is not None and proc.stderr is not None
-    readers = [
-        threading.Thread(target=read, args=("out", proc.stdout), daemon=True),
-        threading.Thread(target=read, args=("err", proc.stderr), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
-    if proc.stdin is not None:
-        try:
-            if input:
-                proc.stdin.write(input)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-    timed_out = False
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        proc.wait()
-    for reader in readers:
-        reader.join()
-    return b"".join(kept["out"]), b"".join(kept["err"]), timed_out, bool(over)
-
-
-def _memfd_exec_allowed() -> bool:
-    """vm.memfd_noexec (Linux 6.3+) above 0 forbids executing memfds."""
-    try:
-        with open("/proc/sys/vm/memfd_noexec", "rb") as f:
-            return f.read().strip() in (b"", b"0")
-    except OSError:
-        return True
-
-
-def child_path(env: Mapping[str, str] | None) -> str:
-    source = os.environ if env is None else env
-    return source.get("PATH", os.defpath)
-
-
-def resolve_command(name: str, path: str, plan: FilesystemPlan) -> str | None:
-    """Where execvp would find `name`, among the PATH directories the sandbox can see."""
-    if "/" in name:
-        return name
-    visible = (*plan.readable, *plan.writable)
-    for directory in path.split(":"):
-        if not directory.startswith("/") or not any(is_within(directory, r) for r in visible):
-            continue
-        candidate = f"{directory}/{name}"
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-            return candidate
-    return None
-
-
-def choose_backend(policy: Policy, facts: MachineFacts) -> Literal["bwrap", "landlock"]:
-    """bubblewrap where user namespaces work; the Landlock-only backend where the settings ask
-    for it, or (with "auto") where namespaces are unavailable, never silently."""
-    if policy.backend == "landlock":
-        return "landlock"
-    if can_use_namespaces(facts):
-        return "bwrap"
-    if policy.backend == "bwrap" or facts.landlock_abi == 0:
-        raise SandboxUnavailable(
-            "unprivileged user namespaces are unavailable here, so bubblewrap cannot sandbox",
-            hint="`corral doctor` shows the fix for this machine",
-        )
-    print(
-        "corral: user namespaces are unavailable here; using the Landlock-only backend, "
-        'which is weaker (docs/security-model.md); "backend": "bwrap" makes this an error',
-        file=sys.stderr,
-    )
-    return "landlock"
-
-
-def _preexec(*, inherit: bool, rlimits: list[RLimit] | None) -> Callable[[], None] | None:
-    """What bwrap's child does before exec: ignore terminal signals (inherited session), and
-    take the rlimits itself where they cannot be set on the sandbox later (setuid bwrap)."""
-    limit = make_preexec(rlimits) if rlimits else None
-    if not inherit:
-        return limit
-
-    def both() -> None:
-        _ignore_terminal_signals()
-        if limit is not None:
-            limit()
-
-    return both
-
-
-def _limit_then_release(
-    proc: SandboxProcess, rlimits: list[RLimit], gate_w: int, cgroup: str | None
-) -> None:
-    """Set the rlimits on the held sandbox's pid 1 (and move it into its cgroup, where one
-    was made), then let bwrap start the command."""
-    try:
-        init = proc.init_pid()
-        if init is None:
-            raise OSError("bubblewrap exited before the sandbox started")
-        apply_rlimits(init, rlimits)
-        if cgroup is not None:
-            with contextlib.suppress(OSError):  # the rlimits hold without it
-                join_cgroup(cgroup, init)
-    except OSError as exc:
-        # Kill first: closing the gate would let bwrap run the command without limits.
-        proc.kill()
-        os.close(gate_w)
-        proc.wait()
-        raise LaunchError(f"could not apply resource limits: {exc}") from exc
-    release_gate(gate_w)
-
-
-def _ensure_empty_file(path: str) -> str:
-    """The empty read-only file shown in place of hidden files (re-made if it is not empty)."""
-    try:
-        st = os.lstat(path)
-        if st.st_size == 0 and (st.st_mode & 0o170777) == 0o100444:
-            return path
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444)
-    os.fchmod(fd, 0o444)
-    os.close(fd)
-    return path
 
 
 class Sandbox:
@@ -421,7 +211,7 @@ class Sandbox:
     ) -> tuple[list[str], list[int], Prepared] | None:
         """The native launcher's argv, its fds and the host-built ruleset; None where it
         cannot be used (another architecture, memfds not executable, command not found)."""
-        if not _memfd_exec_allowed():
+        if not memfd_exec_allowed():
             return None
         command = resolve_command(argv[0], path, plan)
         if command is None:
@@ -464,7 +254,7 @@ class Sandbox:
         for own in (policy.host.machine_cache_dir, policy.host.state_dir):
             os.makedirs(own, mode=0o700, exist_ok=True)
         sweep_stale(f"{policy.host.state_dir}/placeholders")
-        return _ensure_empty_file(f"{policy.host.state_dir}/empty")
+        return ensure_empty_file(f"{policy.host.state_dir}/empty")
 
     def spawn(
         self,
@@ -596,7 +386,7 @@ class Sandbox:
                     *(command_net.pass_fds if command_net else ()),
                 ],
                 close_fds=True,
-                preexec_fn=_preexec(inherit=inherit, rlimits=None if held else rlimits),
+                preexec_fn=preexec_for(inherit=inherit, rlimits=None if held else rlimits),
                 process_group=None if inherit else 0,
             )
         except BaseException as exc:
@@ -626,7 +416,7 @@ class Sandbox:
             cleanup=(lambda: remove_cgroup(cgroup)) if cgroup is not None else None,
         )
         if gate_w is not None:
-            _limit_then_release(proc, rlimits, gate_w, cgroup)
+            limit_then_release(proc, rlimits, gate_w, cgroup)
         return proc
 
     def run(
@@ -657,9 +447,9 @@ class Sandbox:
         )
         limit = self.policy.limits.output_bytes if capture_output else None
         if limit is None:
-            out, err, timed_out = _communicate(proc, input, timeout)
+            out, err, timed_out = communicate(proc, input, timeout)
             truncated = False
         else:
-            out, err, timed_out, truncated = _capture_bounded(proc, input, timeout, limit)
+            out, err, timed_out, truncated = capture_bounded(proc, input, timeout, limit)
         returncode = proc.returncode if proc.returncode is not None else -1
         return RunResult(returncode, out, err, timed_out, proc.sandbox_id, truncated)
