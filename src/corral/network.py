@@ -12,6 +12,11 @@ it accepts is passed, as a file descriptor, over a socketpair to the proxy on th
 decides, connects and relays. The sandbox's network namespace has nothing but its loopback,
 so a program that ignores the proxy variables reaches nothing at all.
 
+With no network namespace (the Landlock-only backend, `corral.nsfree`), the command shares
+the host's loopback instead: corral listens there itself, on two ephemeral ports for that one
+command (`NetworkService.for_host_command`), hands each connection over the same channel, and
+Landlock lets the command connect to those two ports and no other.
+
 This module is on the launch path (`corral.sandbox` imports it): the proxy itself, asyncio
 and the rest are imported only by `start_network`, when a policy needs them.
 """
@@ -45,8 +50,21 @@ class CommandNetwork(NamedTuple):
     """The channel's far end among `pass_fds`: `after_spawn` closes it in corral."""
 
 
+class HostCommandNetwork(NamedTuple):
+    """The proxy for a command on the host's own network stack (the Landlock-only backend)."""
+
+    env: dict[str, str]
+    ports: tuple[int, int]
+    """(HTTP proxy, SOCKS5) on the host's 127.0.0.1, listening for this command only."""
+    close: Callable[[], None]
+    """Stop listening on `ports`: when the command has ended, or failed to start."""
+
+
 class NetworkService:
     def for_command(self, sandbox_id: str) -> CommandNetwork:
+        raise NotImplementedError
+
+    def for_host_command(self, sandbox_id: str) -> HostCommandNetwork:
         raise NotImplementedError
 
     def after_spawn(self, network: CommandNetwork) -> None:

@@ -7,6 +7,10 @@ command (`for_command`) it opens a channel to the proxy and returns:
 - `env`: the variables that point HTTP clients, git, npm, pip, uv and Node at those ports
   (`proxy_environment`);
 - `pass_fds`: the channel's far end and the launcher's memfd.
+
+A command with no network namespace (the Landlock-only backend) gets `for_host_command`
+instead: the same channel, with its far end kept by corral and fed by a `HostListener` on two
+ephemeral ports of the host's 127.0.0.1, and the same variables pointing at those ports.
 """
 
 from __future__ import annotations
@@ -19,8 +23,16 @@ from collections.abc import Mapping
 
 from corral.audit.events import Sink
 from corral.errors import UsageError
-from corral.network import Ask, CommandNetwork, NetworkService, Notify, Resolver
+from corral.network import (
+    Ask,
+    CommandNetwork,
+    HostCommandNetwork,
+    NetworkService,
+    Notify,
+    Resolver,
+)
 from corral.policy.model import Policy
+from corral.proxy.host_listener import HostListener
 from corral.proxy.launcher import compiled_launcher, launcher_argv
 from corral.proxy.notice import DenialNotices
 from corral.proxy.server import ProxyServer
@@ -168,6 +180,13 @@ class ProxyNetwork(NetworkService):
         return CommandNetwork(
             tuple(argv), dict(self._env), (channel_fd, self._script_fd), channel_fd=channel_fd
         )
+
+    def for_host_command(self, sandbox_id: str) -> HostCommandNetwork:
+        """Listen on the host's loopback for one command that shares the host's network
+        (OSError when it cannot listen); `close` ends the listening."""
+        listener = HostListener(self._server.attach(sandbox_id))
+        ports = (listener.http_port, listener.socks_port)
+        return HostCommandNetwork(proxy_environment(*ports), ports, listener.close)
 
     def after_spawn(self, network: CommandNetwork) -> None:
         """The sandbox has its copy of the channel now (or failed to start: then closing
