@@ -303,6 +303,7 @@ class Sandbox:
                 pass_fds=pass_fds,
                 session=session,
                 sandbox_id=sandbox_id,
+                network=self.network,
             )
         network = self.network()
         empty_file = self._prepare_host()
