@@ -7,7 +7,6 @@ the host: the servers' own connection counts, a canary listener's backlog, the a
 
 from __future__ import annotations
 
-import functools
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from contextlib import contextmanager
 
 import pytest
 
-import corral.nsfree
 from corral.errors import SandboxUnavailable
 from corral.nsfree import LANDLOCK_NET_ABI, check_nsfree_network
 from tests.conftest import Canary, Layout
@@ -41,7 +39,6 @@ def servers() -> Iterator[Servers]:
 def nsfree_world(
     layout: Layout,
     servers: Servers,
-    monkeypatch: pytest.MonkeyPatch,
     *,
     host_ports: tuple[int, ...] = (),
     publish_ports: tuple[int, ...] = (),
@@ -51,16 +48,12 @@ def nsfree_world(
         abi = world.sandbox._machine().landlock_abi
         if abi < LANDLOCK_NET_ABI:
             pytest.fail(f"Landlock ABI {abi} has no TCP rules; this backend cannot be tested")
-        # Sandbox.spawn hands spawn_nsfree its proxy once it passes `network=self.network`;
-        # until then the test does (a keyword given at the call would win over this one).
-        spawn = functools.partial(corral.nsfree.spawn_nsfree, network=world.sandbox.network)
-        monkeypatch.setattr(corral.nsfree, "spawn_nsfree", spawn)
         yield world
 
 
 @pytest.fixture
-def world(layout: Layout, servers: Servers, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
-    with nsfree_world(layout, servers, monkeypatch) as made:
+def world(layout: Layout, servers: Servers) -> Iterator[World]:
+    with nsfree_world(layout, servers) as made:
         yield made
 
 
@@ -156,12 +149,11 @@ def test_the_listeners_close_when_the_command_ends(world: World) -> None:
 def test_host_and_published_ports_are_refused(
     layout: Layout,
     servers: Servers,
-    monkeypatch: pytest.MonkeyPatch,
     ports: dict[str, tuple[int, ...]],
     key: str,
 ) -> None:
     with (
-        nsfree_world(layout, servers, monkeypatch, **ports) as world,
+        nsfree_world(layout, servers, **ports) as world,
         pytest.raises(SandboxUnavailable, match=f"network.{key}"),
     ):
         world.run("echo ran")
