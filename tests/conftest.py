@@ -124,6 +124,16 @@ def run_script(
     return RunResult(done.returncode, done.stdout, done.stderr, False, "unsandboxed")
 
 
+def accepted(listener: socket.socket) -> bool:
+    """Whether a connection waits in the backlog (connect on loopback queues it at once)."""
+    listener.setblocking(False)
+    try:
+        listener.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
 class Canary:
     """A host listener that only counts the connections made to it: the host-side evidence of
     network blocks. No thread accepts them: the kernel completes each handshake into the

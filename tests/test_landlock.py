@@ -47,7 +47,7 @@ from corral.backends.landlock import (
     rules_for_plan,
 )
 from corral.probe import landlock_abi
-from tests.conftest import SECRET, Layout
+from tests.conftest import SECRET, Layout, accepted
 
 ABI = landlock_abi(os.uname().machine)
 
@@ -296,16 +296,6 @@ def connect_to(port: int) -> Callable[[], int]:
             return errno_of(lambda: client.connect(("127.0.0.1", port)))()
 
     return attempt
-
-
-def accepted(listener: socket.socket) -> bool:
-    """Whether a connection waits in the backlog (connect on loopback queues it at once)."""
-    listener.setblocking(False)
-    try:
-        listener.accept()[0].close()
-    except BlockingIOError:
-        return False
-    return True
 
 
 @pytest.fixture

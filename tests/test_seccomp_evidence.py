@@ -20,6 +20,7 @@ from functools import partial
 import pytest
 
 from corral.backends.seccomp import build_filter
+from tests.conftest import accepted
 from tests.helpers_seccomp import (
     ARCH,
     HIGH,
@@ -44,16 +45,6 @@ def connect_to(family: socket.AddressFamily, address: str | tuple[str, int]) -> 
         return 0
 
     return attempt
-
-
-def accepted(listener: socket.socket) -> bool:
-    """Whether a connection waits in the backlog (connect on loopback queues it at once)."""
-    listener.setblocking(False)
-    try:
-        listener.accept()[0].close()
-    except BlockingIOError:
-        return False
-    return True
 
 
 @pytest.fixture
