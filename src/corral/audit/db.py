@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from typing import Literal
 
 from corral.errors import CorralError
@@ -75,7 +76,7 @@ def connect(path: str, *, access: Access, durability: Durability = "normal") -> 
         raise audit_error(exc, path=path, action="opening") from exc
     try:
         if access == "write":
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _switch_to_wal(conn)
             if mode != "wal":
                 # WAL needs shared memory between processes, which network filesystems lack.
                 raise CorralError(
@@ -90,6 +91,29 @@ def connect(path: str, *, access: Access, durability: Durability = "normal") -> 
         conn.close()
         raise
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """Sets WAL mode, retrying while another process holds the lock.
+
+    Leaving rollback mode needs an exclusive lock, and SQLite answers SQLITE_BUSY at once,
+    without calling the busy handler, when two connections race to do it on a new file (waiting
+    could deadlock them). Once one has switched, the file stays in WAL mode and the others'
+    retry returns "wal" without taking that lock.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _create_private(path: str) -> None:
