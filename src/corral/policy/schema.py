@@ -156,6 +156,13 @@ SETTINGS_SCHEMA: dict[str, object] = {
             " (with a notice); bwrap or landlock: that backend or an error",
         },
         "excludedCommands": _list(_TEXT, "Commands run outside the sandbox."),
+        # Read by `corral serve` and `corral mcp` only (corral.bridge.declarations checks it
+        # in full there): `corral run` should not pay for checking what it never uses.
+        "bridge": {
+            "type": "object",
+            "description": "Commands that agents may request through the bridge"
+            " (checked by corral serve / corral mcp).",
+        },
     },
     "additionalProperties": False,
 }
