@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
@@ -18,7 +20,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from corral.bridge import web
+from corral.bridge.approvals import PendingApproval
 from corral.bridge.errors import BridgeError
+from corral.bridge.service import Bridge
 
 if TYPE_CHECKING:
     import httpx2  # what starlette's TestClient returns
@@ -35,19 +39,6 @@ HOSTILE = (
 )
 
 
-class FakePending(NamedTuple):
-    id: str
-    job_id: str
-    command: str
-    argv: tuple[str, ...]
-    cwd: str
-    policy_summary: str
-    reason: str
-    client: str
-    created: float
-    expires: float
-
-
 class Decision(NamedTuple):
     approval_id: str
     approve: bool
@@ -58,13 +49,13 @@ class Decision(NamedTuple):
 class FakeBridge:
     """pending() and decide() as the real Bridge answers them, errors included."""
 
-    def __init__(self, pending: list[FakePending]) -> None:
+    def __init__(self, pending: list[PendingApproval]) -> None:
         self.waiting = {item.id: item for item in pending}
         self.decided: set[str] = set()
         self.decisions: list[Decision] = []
         self.listed = 0
 
-    def pending(self) -> tuple[FakePending, ...]:
+    def pending(self) -> tuple[PendingApproval, ...]:
         self.listed += 1
         return tuple(self.waiting.values())
 
@@ -80,8 +71,8 @@ class FakeBridge:
 
 def pending_item(
     approval_id: str = "ap1", argv: tuple[str, ...] = ("make", "deploy")
-) -> FakePending:
-    return FakePending(
+) -> PendingApproval:
+    return PendingApproval(
         id=approval_id,
         job_id=f"job-{approval_id}",
         command="deploy",
@@ -95,7 +86,9 @@ def pending_item(
     )
 
 
-def make_client(bridge: FakeBridge, *, token: str | Callable[[], str | None] = TOKEN) -> TestClient:
+def make_client(
+    bridge: web.ApprovalDesk, *, token: str | Callable[[], str | None] = TOKEN
+) -> TestClient:
     app = FastAPI()
     app.include_router(web.web_router(bridge, token=token))
     return TestClient(app, base_url=BASE, follow_redirects=False)
@@ -521,3 +514,43 @@ def test_origin(origin: str | None, referer: str | None, allowed: bool) -> None:
 
 def test_origin_with_default_port() -> None:
     assert web.origin_allowed(origin="http://localhost", referer=None, own="http://localhost:80")
+
+
+# --- with the real Bridge (a denial runs nothing, so no sandbox is needed) -----------------
+
+ASK_SETTINGS = {
+    "bridge": {
+        "commands": {
+            "mark": {
+                "description": "Leave a marker file in the workspace",
+                "argv": ["touch", "{name}"],
+                "params": {"name": {"type": "string", "pattern": "[a-z-]+[.]txt"}},
+                "writable": True,
+                "approval": "ask",
+            }
+        }
+    }
+}
+
+
+def test_real_bridge_denial_through_the_page(tmp_path: Path) -> None:
+    workspace, home = tmp_path / "project", tmp_path / "home"
+    (workspace / ".corral").mkdir(parents=True)
+    home.mkdir()
+    (workspace / ".corral" / "settings.json").write_text(json.dumps(ASK_SETTINGS))
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    with Bridge.from_settings(str(workspace), state_dir=str(home / "state"), environ=env) as real:
+        job = real.submit("mark", {"name": "never.txt"}, client="test:web")
+        assert job.state == "awaiting_approval" and job.approval_id is not None
+        with make_client(real) as client:
+            items = re.findall(r"<li><code>(.*?)</code></li>", open_page(client))
+            assert items == list(job.argv)
+            csrf = log_in(client)
+            assert post(client, "/approvals/nope/deny", {"csrf": csrf}).status_code == 404
+            path = f"/approvals/{job.approval_id}/deny"
+            assert post(client, path, {"csrf": csrf, "reason": "not now"}).status_code == 303
+            assert post(client, path, {"csrf": csrf}).status_code == 409
+        done = real.wait(job.id, timeout_s=30)
+    assert done.state == "denied"
+    assert "web" in done.reason and "not now" in done.reason
+    assert not (workspace / "never.txt").exists()
