@@ -128,7 +128,7 @@ OPERATORS = frozenset(["|", "||", "&&", "&", ";", ";;", "|&"])
 # find's own terminators of -exec / -ok, which a shell user writes as \; or +.
 _FIND_EXEC = frozenset(["-exec", "-execdir", "-ok", "-okdir"])
 _REDIRECTION = re.compile(r"[0-9]*(?:>>?|<<?<?|&>>?|>&|<&)(?:&?[0-9-]|[^<>|&]*)")
-_SUBSTITUTION = re.compile(r"\$\(|`|\$\{|\$[A-Za-z_]|&&|\|\||;\s")
+_SUBSTITUTION = re.compile(r"\$\(|`|\$\{|\$[A-Za-z_]|&&|\|\|")
 
 
 class TemplateError(ValueError):
@@ -202,13 +202,15 @@ def check_template(elements: Sequence[Element]) -> None:
         raise TemplateError("argv is empty: name the program to run")
     if literal_text(elements[0]) in (None, ""):
         raise TemplateError("argv[0] must be a fixed program name, not a parameter", index=0)
-    for index in range(len(elements)):
-        _check_syntax(elements, index)
     _check_programs(elements)
+    code = {at for at, _ in code_positions(elements)}
+    for index in range(len(elements)):
+        if index not in code:
+            _check_syntax(elements, index)
 
 
 def _check_syntax(elements: Sequence[Element], index: int) -> None:
-    text = "".join(part.value for part in elements[index] if part.kind == "text")
+    text = "".join(p.value if p.kind == "text" else f"{{{p.value}}}" for p in elements[index])
     whole = literal_text(elements[index])
     after_find_exec = any(literal_text(e) in _FIND_EXEC for e in elements[:index])
     if whole in OPERATORS and not (whole == ";" and after_find_exec):
@@ -243,13 +245,26 @@ def _check_programs(elements: Sequence[Element]) -> None:
         name = program_name(text)
         if name in SHELLS or os.path.basename(text) in SHELLS:
             _check_shell(elements, index)
-        if index == 0 or _after_wrapper(elements, index):
-            if name in WRAPPERS:
-                _check_wrapped(elements, index)
-            if name in EVAL_OPTIONS:
-                _check_eval(elements, index, EVAL_OPTIONS[name])
-            if name in SCRIPT_TOOLS:
-                _check_script_tool(elements, index, SCRIPT_TOOLS[name])
+        if (index == 0 or _after_wrapper(elements, index)) and name in WRAPPERS:
+            _check_wrapped(elements, index)
+    for at, refusal in code_positions(elements):
+        if literal_text(elements[at]) is None:
+            raise TemplateError(refusal, index=at)
+
+
+def code_positions(elements: Sequence[Element]) -> Iterator[tuple[int, str]]:
+    """Elements that a program in command position runs as code (python -c X, awk X...),
+    each with the reason a placeholder there is refused. Their text is another language's,
+    so the shell-syntax checks do not apply to them."""
+    for index, element in enumerate(elements):
+        text = literal_text(element)
+        if text is None or not (index == 0 or _after_wrapper(elements, index)):
+            continue
+        name = program_name(text)
+        if name in EVAL_OPTIONS:
+            yield from _eval_positions(elements, index, EVAL_OPTIONS[name])
+        if name in SCRIPT_TOOLS:
+            yield from _script_positions(elements, index, SCRIPT_TOOLS[name])
 
 
 def _after_wrapper(elements: Sequence[Element], index: int) -> bool:
@@ -298,22 +313,27 @@ def _check_wrapped(elements: Sequence[Element], index: int) -> None:
         return
 
 
-def _check_eval(elements: Sequence[Element], index: int, options: frozenset[str]) -> None:
+def _eval_positions(
+    elements: Sequence[Element], index: int, options: frozenset[str]
+) -> Iterator[tuple[int, str]]:
+    """The elements an interpreter runs as code (the value of -c, -e...), with the refusal."""
     name = literal_text(elements[index])
     for at in range(index + 1, len(elements) - 1):
-        if literal_text(elements[at]) in options and literal_text(elements[at + 1]) is None:
-            raise TemplateError(
-                f"{name} {literal_text(elements[at])} would run code containing a parameter "
-                "(code injection): pass the value as a separate argument (sys.argv, @ARGV...)",
-                index=at + 1,
+        option = literal_text(elements[at])
+        if option in options:
+            yield (
+                at + 1,
+                f"{name} {option} would run code containing a parameter (code injection): "
+                "pass the value as a separate argument (sys.argv, @ARGV...)",
             )
 
 
-def _check_script_tool(
+def _script_positions(
     elements: Sequence[Element],
     index: int,
     tool: tuple[frozenset[str], frozenset[str], frozenset[str]],
-) -> None:
+) -> Iterator[tuple[int, str]]:
+    """The elements awk or sed take as their program, with the refusal."""
     value_options, script_options, file_options = tool
     name = literal_text(elements[index])
     refusal = (
@@ -326,17 +346,14 @@ def _check_script_tool(
         text = literal_text(elements[at])
         if text in script_options or text in file_options:
             has_program_option = True
-            program = elements[at + 1] if at + 1 < len(elements) else None
-            if text in script_options and program is not None and literal_text(program) is None:
-                raise TemplateError(refusal, index=at + 1)
+            if text in script_options and at + 1 < len(elements):
+                yield at + 1, refusal
             at += 2
-            continue
-        if text in value_options:
+        elif text in value_options:
             at += 2
-            continue
-        if text is not None and text.startswith("-") and text != "-":
+        elif text is not None and text.startswith("-") and text != "-":
             at += 1
-            continue
-        if not has_program_option and text is None:
-            raise TemplateError(refusal, index=at)
-        return
+        else:
+            if not has_program_option:
+                yield at, refusal
+            return
