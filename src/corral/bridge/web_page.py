@@ -31,8 +31,8 @@ color:#111;background:#fff}
 h1{font-size:1.4rem}h2{font-size:1.15rem;margin:0 0 .5rem}
 .request{border:1px solid #888;border-radius:6px;padding:1rem;margin:1rem 0}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1rem;margin:0 0 1rem}
-dt{font-weight:600}dd{margin:0;white-space:pre-wrap;overflow-wrap:anywhere}
-code{font-family:ui-monospace,monospace;background:#f1f1f1;padding:0 .2rem}
+dt{font-weight:600}dd{margin:0;overflow-wrap:anywhere}
+code{font-family:ui-monospace,monospace;background:#f1f1f1;padding:0 .2rem;white-space:pre-wrap}
 .argv{margin:0;padding-left:2.2rem}.argv li{margin:.1rem 0}
 .note{margin:.3rem 0 0;font-size:.9rem;color:#444}
 .esc{color:#b00000;font-weight:700}
@@ -88,7 +88,7 @@ def _visible(text: str) -> str:
 
 def _visible_lines(text: str) -> str:
     """Like `_visible` for prose that may have several lines (a policy summary)."""
-    return "\n".join(_visible(line) if line else "" for line in text.split("\n"))
+    return "<br>".join(_visible(line) if line else "" for line in text.split("\n"))
 
 
 def _duration(seconds: float) -> str:
