@@ -2,7 +2,8 @@
 
 Rules:
 1. Every argument must be declared, every required one present, each of its declared type
-   (JSON true/false are not integers, 3.0 is not an integer, "3" is not an integer).
+   (JSON true/false are not integers, 3.0 is not an integer, "3" is not an integer). null
+   stands for the default (OpenAI's strict tools must send every property).
 2. A value is data, never syntax: it becomes (part of) one argv element, and argv is never
    given to a shell, so `; rm -rf ~`, `$(...)` and backticks arrive as literal text.
 3. A string that fills a whole element and starts with `-` is refused unless its enum or
@@ -114,7 +115,9 @@ def bind(
     values: dict[str, object] = {}
     texts: dict[str, str] = {}
     for param in command.params:
-        value = args.get(param.name, param.default)
+        value = args.get(param.name)
+        if value is None:  # absent, or null (OpenAI's strict tools send null for "default")
+            value = param.default
         if value is None:
             raise BridgeError(
                 "missing_parameter",

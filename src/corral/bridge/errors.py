@@ -53,6 +53,9 @@ class BridgeError(CorralError):
         self.code = code
         self.status = status if status is not None else CODES.get(code, 400)
         self.detail: dict[str, object] = dict(detail or {})
+        # For the CLI: 2 when the request was at fault (a wrong id, a decided approval),
+        # 1 when the bridge was.
+        self.exit_code = 1 if self.status >= 500 else 2
 
     def as_json(self) -> dict[str, object]:
         """The error body every front end returns: {"error": {code, message, hint[, detail]}}."""
