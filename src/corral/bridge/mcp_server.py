@@ -1,10 +1,11 @@
 """`corral mcp`: the declared bridge commands as the tools of an MCP server, over stdio.
 
 Claude Code, Codex and other MCP clients start `corral mcp [--workspace DIR]` and see one
-tool per command declared under `bridge.commands` (its input schema from the declaration's
-parameters). A call goes through the same `Bridge` as `corral serve`: the same validation,
-sandbox, limits, approvals and audit log. The server is the official MCP SDK's low-level
-`Server`, whose list_tools/call_tool handlers suit a tool list read from settings.
+tool per command declared under `bridge.commands`, exactly as `corral tools export --format
+mcp` prints them (bridge/tools.py). A call goes through the same `Bridge` as `corral serve`:
+the same validation, sandbox, limits, approvals and audit log. The server is the official
+MCP SDK's low-level `Server`, whose list_tools/call_tool handlers suit a tool list read from
+settings.
 
 What the agent gets back from `tools/call`:
 - the command ran: text with the state, exit code, whether output was truncated, stdout and
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     import mcp_types as types
     from mcp.server import Server, ServerRequestContext
 
-    from corral.bridge.service import Bridge, Command, JobView, Param
+    from corral.bridge.service import Bridge, Command, JobView
 
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -59,52 +60,12 @@ INSTRUCTIONS = (
 
 
 def tool_definitions(commands: tuple[Command, ...]) -> list[types.Tool]:
+    """The tools, from the one export every format shares (bridge/tools.py)."""
     import mcp_types as types
 
-    return [
-        types.Tool(
-            name=command.name,
-            description=command.description or f"Run the declared command {command.name!r}",
-            input_schema=input_schema(command),
-        )
-        for command in commands
-    ]
+    from corral.bridge.tools import export_tools
 
-
-def input_schema(command: Command) -> dict[str, object]:
-    """JSON Schema of a command's arguments. Only a hint for the agent: the bridge checks
-    every argument itself (a pattern here is Python's syntax, anchored to the whole value)."""
-    return {
-        "type": "object",
-        "properties": {param.name: _param_schema(param) for param in command.params},
-        "required": [param.name for param in command.params if param.required],
-        "additionalProperties": False,
-    }
-
-
-_JSON_TYPES = {"string": "string", "integer": "integer", "boolean": "boolean", "path": "string"}
-
-
-def _param_schema(param: Param) -> dict[str, object]:
-    schema: dict[str, object] = {"type": _JSON_TYPES[param.type]}
-    description = param.description
-    if param.type == "path":
-        description = f"{description} (a path inside the workspace)".strip()
-    if description:
-        schema["description"] = description
-    if param.default is not None:
-        schema["default"] = param.default
-    if param.enum is not None:
-        schema["enum"] = list(param.enum)
-    if param.pattern is not None:
-        schema["pattern"] = f"^(?:{param.pattern.pattern})$"
-    if param.max_length is not None:
-        schema["maxLength"] = param.max_length
-    if param.minimum is not None:
-        schema["minimum"] = param.minimum
-    if param.maximum is not None:
-        schema["maximum"] = param.maximum
-    return schema
+    return [types.Tool.model_validate(tool) for tool in export_tools(commands, "mcp")]
 
 
 # -- results ---------------------------------------------------------------------------------
