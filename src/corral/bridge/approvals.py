@@ -35,6 +35,8 @@ from .errors import BridgeError
 
 DECISION_POLL_S = 0.05  # a human's click becomes a running job within this; a stat() per wait
 KEEP_DECISIONS_S = 3600.0  # decided files stay an hour, so a late `corral approve` says why
+MAX_REASON = 1000
+MAX_BY = 100
 _ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
@@ -170,7 +172,8 @@ class ApprovalStore:
             raise _not_pending(approval_id, "it has expired (a timeout denies it)")
         if not _owner_alive(data):
             raise _not_pending(approval_id, "the bridge that asked is no longer running")
-        decision = Decision(approve, by, reason, now)
+        # Shown to an agent and kept in the log: bounded, whatever a web form sent.
+        decision = Decision(approve, by[:MAX_BY], reason[:MAX_REASON], now)
         if not self._record(approval_id, decision):
             existing = self.decision(approval_id)
             winner = existing.by if existing is not None else "someone else"

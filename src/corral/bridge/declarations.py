@@ -33,7 +33,19 @@ from corral.errors import SettingsError
 from corral.policy.model import MODES, HostPaths, Mode, Origin
 from corral.policy.settings import MANAGED_SETTINGS, read_settings, settings_sources
 
-from .templates import Element, TemplateError, check_template, parse_element, placeholders
+from .readers import (
+    read_argv,
+    read_bool,
+    read_element,
+    read_enum,
+    read_int,
+    read_object,
+    read_regex,
+    read_seconds,
+    read_text,
+    refuse_unknown,
+)
+from .templates import Element, TemplateError, check_template, placeholders
 
 ParamType = Literal["string", "integer", "boolean", "path"]
 PARAM_TYPES: tuple[ParamType, ...] = ("string", "integer", "boolean", "path")
@@ -44,7 +56,6 @@ APPROVAL_KINDS: tuple[ApprovalKind, ...] = ("auto", "ask", "deny")
 COMMAND_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_APPROVAL_TIMEOUT_S = 300.0
-MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: anything longer is a typo, not a build
 # Any string argument, whatever the declaration says: argv elements are bounded by the kernel
 # (MAX_ARG_STRLEN, 128 KiB) anyway, and an agent has no reason to send more than this.
 MAX_VALUE_LENGTH = 4096
@@ -141,12 +152,12 @@ def merge_layers(layers: Iterable[tuple[str, bool, object]]) -> BridgeSettings:
     commands: dict[str, Command] = {}
     timeout = DEFAULT_APPROVAL_TIMEOUT_S
     for file, managed, section in layers:
-        table = _object(section, file, "bridge")
-        _refuse_unknown(table, frozenset(["commands", "approvalTimeoutSeconds"]), file, "bridge")
+        table = read_object(section, file, "bridge")
+        refuse_unknown(table, frozenset(["commands", "approvalTimeoutSeconds"]), file, "bridge")
         if "approvalTimeoutSeconds" in table:
             key = "bridge.approvalTimeoutSeconds"
-            timeout = _seconds(table["approvalTimeoutSeconds"], file, key)
-        declared = _object(table.get("commands", {}), file, "bridge.commands")
+            timeout = read_seconds(table["approvalTimeoutSeconds"], file, key)
+        declared = read_object(table.get("commands", {}), file, "bridge.commands")
         for name, entry in declared.items():
             key = f"bridge.commands.{name}"
             if not COMMAND_NAME.fullmatch(name):
@@ -156,12 +167,12 @@ def merge_layers(layers: Iterable[tuple[str, bool, object]]) -> BridgeSettings:
                     file=file,
                     key=key,
                 )
-            body = _object(entry, file, key)
+            body = read_object(entry, file, key)
             if managed and "argv" not in body:
                 if name in commands:
                     commands[name] = _override(commands[name], body, file, key)
                 else:
-                    _refuse_unknown(body, _OVERRIDE_KEYS, file, key)
+                    refuse_unknown(body, _OVERRIDE_KEYS, file, key)
                 continue
             commands[name] = parse_command(name, body, file=file)
     return BridgeSettings(tuple(commands.values()), timeout)
@@ -170,17 +181,17 @@ def merge_layers(layers: Iterable[tuple[str, bool, object]]) -> BridgeSettings:
 def parse_command(name: str, body: Mapping[str, object], *, file: str) -> Command:
     """One declaration, checked in full (SettingsError otherwise)."""
     key = f"bridge.commands.{name}"
-    _refuse_unknown(body, _COMMAND_KEYS, file, key)
+    refuse_unknown(body, _COMMAND_KEYS, file, key)
     if "argv" not in body:
         raise SettingsError("argv is required: the program and its arguments", file=file, key=key)
-    argv = _argv(body["argv"], file, f"{key}.argv")
-    template = tuple(_element(text, file, f"{key}.argv[{i}]") for i, text in enumerate(argv))
+    argv = read_argv(body["argv"], file, f"{key}.argv")
+    template = tuple(read_element(text, file, f"{key}.argv[{i}]") for i, text in enumerate(argv))
     try:
         check_template(template)
     except TemplateError as exc:
         where = f"{key}.argv" if exc.index is None else f"{key}.argv[{exc.index}]"
         raise SettingsError(exc.reason, file=file, key=where) from None
-    raw_params = _object(body.get("params", {}), file, f"{key}.params")
+    raw_params = read_object(body.get("params", {}), file, f"{key}.params")
     params = tuple(
         parse_param(pname, value, file=file, key=f"{key}.params.{pname}")
         for pname, value in raw_params.items()
@@ -188,7 +199,7 @@ def parse_command(name: str, body: Mapping[str, object], *, file: str) -> Comman
     _check_placeholders(template, params, file, key)
     command = Command(
         name=name,
-        description=_text(body.get("description", ""), file, f"{key}.description", empty=True),
+        description=read_text(body.get("description", ""), file, f"{key}.description", empty=True),
         argv=argv,
         template=template,
         params=params,
@@ -198,13 +209,13 @@ def parse_command(name: str, body: Mapping[str, object], *, file: str) -> Comman
 
 
 def _override(command: Command, body: Mapping[str, object], file: str, key: str) -> Command:
-    _refuse_unknown(body, _OVERRIDE_KEYS, file, key)
+    refuse_unknown(body, _OVERRIDE_KEYS, file, key)
     return _apply_scalars(command._replace(origin=Origin(file, key)), body, file, key)
 
 
 def _apply_scalars(command: Command, body: Mapping[str, object], file: str, key: str) -> Command:
     if "description" in body:
-        text = _text(body["description"], file, f"{key}.description", empty=True)
+        text = read_text(body["description"], file, f"{key}.description", empty=True)
         command = command._replace(description=text)
     if "mode" in body:
         mode = body["mode"]
@@ -212,12 +223,12 @@ def _apply_scalars(command: Command, body: Mapping[str, object], file: str, key:
             raise SettingsError(f"expected one of {', '.join(MODES)}", file=file, key=f"{key}.mode")
         command = command._replace(mode=mode)
     if "writable" in body:
-        command = command._replace(writable=_bool(body["writable"], file, f"{key}.writable"))
+        command = command._replace(writable=read_bool(body["writable"], file, f"{key}.writable"))
     if "timeoutSeconds" in body:
-        timeout = _seconds(body["timeoutSeconds"], file, f"{key}.timeoutSeconds")
+        timeout = read_seconds(body["timeoutSeconds"], file, f"{key}.timeoutSeconds")
         command = command._replace(timeout_s=timeout)
     if "outputLimitBytes" in body:
-        limit = _int(body["outputLimitBytes"], file, f"{key}.outputLimitBytes", minimum=1)
+        limit = read_int(body["outputLimitBytes"], file, f"{key}.outputLimitBytes", minimum=1)
         command = command._replace(output_limit=limit)
     if "approval" in body:
         approval = _approval(body["approval"], command.params, file, f"{key}.approval")
@@ -231,32 +242,32 @@ def parse_param(name: str, body: object, *, file: str, key: str) -> Param:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
         reason = "a parameter name is a letter or _ then letters, digits or _ (64 at most)"
         raise SettingsError(reason, file=file, key=key)
-    table = _object(body, file, key)
+    table = read_object(body, file, key)
     kind = table.get("type")
     if kind not in PARAM_TYPES:
         reason = f"type: expected one of {', '.join(PARAM_TYPES)}, found {kind!r}"
         raise SettingsError(reason, file=file, key=f"{key}.type")
-    _refuse_unknown(table, _PARAM_KEYS[kind], file, key)
+    refuse_unknown(table, _PARAM_KEYS[kind], file, key)
     param = Param(
         name=name,
         type=kind,
-        description=_text(table.get("description", ""), file, f"{key}.description", empty=True),
+        description=read_text(table.get("description", ""), file, f"{key}.description", empty=True),
     )
     if "enum" in table:
-        param = param._replace(enum=_enum(table["enum"], file, f"{key}.enum"))
+        param = param._replace(enum=read_enum(table["enum"], file, f"{key}.enum"))
     if "pattern" in table:
-        param = param._replace(pattern=_regex(table["pattern"], file, f"{key}.pattern"))
+        param = param._replace(pattern=read_regex(table["pattern"], file, f"{key}.pattern"))
     if "maxLength" in table:
-        length = _int(table["maxLength"], file, f"{key}.maxLength", minimum=1)
+        length = read_int(table["maxLength"], file, f"{key}.maxLength", minimum=1)
         param = param._replace(max_length=length)
     if "minimum" in table:
-        param = param._replace(minimum=_int(table["minimum"], file, f"{key}.minimum"))
+        param = param._replace(minimum=read_int(table["minimum"], file, f"{key}.minimum"))
     if "maximum" in table:
-        param = param._replace(maximum=_int(table["maximum"], file, f"{key}.maximum"))
+        param = param._replace(maximum=read_int(table["maximum"], file, f"{key}.maximum"))
     if param.minimum is not None and param.maximum is not None and param.minimum > param.maximum:
         raise SettingsError("minimum is above maximum", file=file, key=f"{key}.minimum")
     if "flag" in table:
-        flag = _text(table["flag"], file, f"{key}.flag")
+        flag = read_text(table["flag"], file, f"{key}.flag")
         if not flag.startswith("-") or "{" in flag or "}" in flag:
             reason = "a flag is a fixed option such as --verbose (no placeholders)"
             raise SettingsError(reason, file=file, key=f"{key}.flag")
@@ -300,7 +311,7 @@ def _approval(value: object, params: tuple[Param, ...], file: str, key: str) -> 
     if not isinstance(value, dict) or list(value) != ["ask"]:
         reason = 'expected "auto", "ask", "deny" or {"ask": {"<parameter>": "<regex>"}}'
         raise SettingsError(reason, file=file, key=key)
-    table = _object(value["ask"], file, f"{key}.ask")
+    table = read_object(value["ask"], file, f"{key}.ask")
     if not table:
         raise SettingsError("name at least one parameter", file=file, key=f"{key}.ask")
     names = {param.name for param in params}
@@ -309,106 +320,5 @@ def _approval(value: object, params: tuple[Param, ...], file: str, key: str) -> 
         if name not in names:
             reason = "names no declared parameter of this command"
             raise SettingsError(reason, file=file, key=f"{key}.ask.{name}")
-        rules.append((name, _regex(pattern, file, f"{key}.ask.{name}")))
+        rules.append((name, read_regex(pattern, file, f"{key}.ask.{name}")))
     return Approval("auto", tuple(rules))
-
-
-# -- small typed readers: each names the key path in its error --------------------------------
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    return repr(value)
-
-
-def _object(value: object, file: str, key: str) -> dict[str, object]:
-    if not isinstance(value, dict):
-        raise SettingsError(f"expected an object, found {_describe(value)}", file=file, key=key)
-    return value
-
-
-def _refuse_unknown(
-    table: Mapping[str, object], known: frozenset[str], file: str, key: str
-) -> None:
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise SettingsError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
-            f" (known: {', '.join(sorted(known))})",
-            file=file,
-            key=key,
-        )
-
-
-def _text(value: object, file: str, key: str, *, empty: bool = False) -> str:
-    if not isinstance(value, str) or (not value and not empty):
-        expected = "a string" if empty else "a non-empty string"
-        raise SettingsError(f"expected {expected}, found {_describe(value)}", file=file, key=key)
-    if "\0" in value:
-        raise SettingsError("contains a NUL byte", file=file, key=key)
-    return value
-
-
-def _bool(value: object, file: str, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise SettingsError(f"expected true or false, found {_describe(value)}", file=file, key=key)
-    return value
-
-
-def _int(value: object, file: str, key: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # JSON 64.0
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise SettingsError(f"expected an integer, found {_describe(value)}", file=file, key=key)
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"must be at least {minimum}", file=file, key=key)
-    return value
-
-
-def _seconds(value: object, file: str, key: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise SettingsError(f"expected seconds, found {_describe(value)}", file=file, key=key)
-    if not 0 < value <= MAX_TIMEOUT_S:
-        raise SettingsError(f"must be above 0 and at most {MAX_TIMEOUT_S:g}", file=file, key=key)
-    return float(value)
-
-
-def _argv(value: object, file: str, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        reason = f"expected a non-empty list of strings, found {_describe(value)}"
-        raise SettingsError(reason, file=file, key=key)
-    return tuple(_text(item, file, f"{key}[{i}]", empty=True) for i, item in enumerate(value))
-
-
-def _element(text: str, file: str, key: str) -> Element:
-    try:
-        return parse_element(text)
-    except ValueError as exc:
-        raise SettingsError(str(exc), file=file, key=key) from None
-
-
-def _enum(value: object, file: str, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        reason = f"expected a non-empty list of strings, found {_describe(value)}"
-        raise SettingsError(reason, file=file, key=key)
-    items = tuple(_text(item, file, f"{key}[{i}]", empty=True) for i, item in enumerate(value))
-    if len(set(items)) != len(items):
-        raise SettingsError("lists a value twice", file=file, key=key)
-    return items
-
-
-def _regex(value: object, file: str, key: str) -> re.Pattern[str]:
-    text = _text(value, file, key)
-    try:
-        return re.compile(text)
-    except re.error as exc:
-        raise SettingsError(f"not a valid regular expression: {exc}", file=file, key=key) from None

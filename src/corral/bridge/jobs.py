@@ -228,27 +228,38 @@ def execute(
     env: Mapping[str, str],
     sink: Sink,
 ) -> None:
-    """Run the job's invocation in `sandbox` to the end, recording the session in `sink`."""
-    from corral.audit.record import record_session_end, record_session_start
-
+    """Run the job's invocation in `sandbox` to the end, recording the session in `sink`.
+    Never raises: whatever goes wrong ends the job as failed, with the reason."""
     if not table.move(job, "running"):
         return
-    inv = job.invocation
     try:
-        proc = sandbox.spawn(
-            inv.argv,
-            cwd=inv.cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            session="new",
-        )
+        _run_to_end(job, sandbox, table, env=env, sink=sink)
     except CorralError as exc:
-        table.move(job, "failed", reason=f"the sandbox could not start: {exc.message}")
-        return
+        table.move(job, "failed", reason=f"the sandbox could not run it: {exc.message}")
+    except Exception as exc:  # a worker must survive anything; the job says what happened
+        table.move(job, "failed", reason=f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _run_to_end(
+    job: Job, sandbox: Sandbox, table: JobTable, *, env: Mapping[str, str], sink: Sink
+) -> None:
+    from corral.audit.record import record_session_end, record_session_start
+
+    inv = job.invocation
+    proc = sandbox.spawn(
+        inv.argv,
+        cwd=inv.cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        session="new",
+    )
     with table.changed:
         job.process = proc
+        cancelled = job.cancelled
+    if cancelled:  # the bridge closed while this one was starting
+        proc.kill()
     record_session_start(
         sink,
         proc.sandbox_id,
@@ -257,22 +268,7 @@ def execute(
         cwd=inv.cwd,
         backend=sandbox.backend,
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    readers = [
-        threading.Thread(target=_copy, args=(proc.stdout, job.stdout, job, table), daemon=True),
-        threading.Thread(target=_copy, args=(proc.stderr, job.stderr, job, table), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
-    timed_out = False
-    try:
-        proc.wait(inv.timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        proc.wait()
-    for reader in readers:
-        reader.join()
+    timed_out = _wait_with_output(job, proc, table)
     code = proc.returncode
     record_session_end(sink, proc.sandbox_id, exit_code=code)
     with table.changed:
@@ -287,6 +283,31 @@ def execute(
         table.move(job, "succeeded")
     else:
         table.move(job, "failed", reason=f"the command exited with status {code}")
+
+
+def _wait_with_output(job: Job, proc: SandboxProcess, table: JobTable) -> bool:
+    """Copy the output into the job while waiting; kill at the timeout. True if it timed out."""
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=_copy, args=(proc.stdout, job.stdout, job, table), daemon=True),
+        threading.Thread(target=_copy, args=(proc.stderr, job.stderr, job, table), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    timed_out = False
+    try:
+        try:
+            proc.wait(job.invocation.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            proc.wait()
+    finally:
+        if proc.returncode is None:  # wait raised: leave nothing running behind
+            proc.kill()
+        for reader in readers:
+            reader.join()
+    return timed_out
 
 
 def _copy(stream: IO[bytes], into: bytearray, job: Job, table: JobTable) -> None:

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from corral.policy.settings import MANAGED_SETTINGS
 
-from .approvals import DECISION_POLL_S, ApprovalStore, Decision, PendingApproval, new_id
+from .approvals import ApprovalStore, Decision, PendingApproval, new_id
 from .binding import bind, command_policy, describe_policy
 from .declarations import BridgeSettings, Command, Param, load_declarations
 from .errors import BridgeError
 from .jobs import Job, JobTable, JobView, WorkerPool, execute
+from .waiter import ApprovalWaiter
 
 if TYPE_CHECKING:
     from corral.audit.events import Sink
@@ -53,6 +54,7 @@ __all__ = [
 # speak the user's language. The rest (tokens, agent variables) stays out.
 PASSED_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+MAX_TRACKED_CLIENTS = 10_000  # rate windows kept; idle ones are dropped beyond this
 
 
 class BridgeLimits(NamedTuple):
@@ -94,15 +96,14 @@ class Bridge:
             command.name: command_policy(command, host, managed_path=managed_path)
             for command in self.commands
         }
+        _refuse_writable_store(self.store.directory, self._policies)
         self._sandboxes: dict[str, Sandbox] = {}
         self._env = _command_environment(os.environ if environ is None else environ)
         self._table = JobTable(keep_finished=self.limits.keep_finished_jobs)
         self._pool = WorkerPool(self._run, workers=self.limits.max_concurrent_jobs)
         self._lock = threading.Lock()  # admission, rate windows, sandboxes
         self._rates: dict[str, deque[float]] = {}
-        self._waiting: dict[str, Job] = {}  # approval id -> job, this process's only
-        self._wake = threading.Condition()
-        self._watcher: threading.Thread | None = None
+        self._waiter = ApprovalWaiter[Job](self.store, self._decided)
         self._closed = False
 
     @classmethod
@@ -177,10 +178,11 @@ class Bridge:
                 self._audit_decision(job, approve=False, by="policy")
                 return job.view()
             self._admit()
-            self._table.add(job)
             if invocation.approval == "ask":
-                self._ask(job)
+                self._ask(job)  # before the table has it: a failure leaves nothing behind
+                self._table.add(job)
             else:
+                self._table.add(job)
                 self._audit_decision(job, approve=True, by="policy")
                 self._pool.put(job)
         return self._table.view(job.id)
@@ -200,6 +202,9 @@ class Bridge:
                     detail={"retry_after_s": round(retry, 3)},
                 )
             window.append(now)
+            if len(self._rates) > MAX_TRACKED_CLIENTS:  # forget clients idle for a minute
+                for name in [n for n, w in self._rates.items() if now - w[-1] >= 60.0]:
+                    del self._rates[name]
 
     def _admit(self) -> None:
         waiting = self._table.count("queued", "awaiting_approval")
@@ -250,8 +255,7 @@ class Bridge:
         """A human's decision (`by`: "cli:alice", "web", "mcp"...). BridgeError
         unknown_approval or not_pending."""
         self.store.decide(approval_id, approve=approve, by=by, reason=reason)
-        with self._wake:
-            self._wake.notify_all()
+        self._waiter.wake()
 
     def _ask(self, job: Job) -> None:
         inv = job.invocation
@@ -268,61 +272,33 @@ class Bridge:
             created=now,
             expires=now + self.approval_timeout_s,
         )
-        job.state = "awaiting_approval"
         job.approval_id = approval.id
         job.reason = (
             f"waiting for a human to approve it ({approval.reason}): ask the user to run "
             f"`corral approve {approval.id}` or to approve it on the bridge's approvals page; "
             f"it is denied if nobody decides within {self.approval_timeout_s:g} s"
         )
-        self.store.create(approval)
+        try:
+            self.store.create(approval)
+        except OSError as exc:
+            raise BridgeError(
+                "internal", f"could not record the approval request: {exc.strerror}"
+            ) from exc
+        job.state = "awaiting_approval"
         self._audit_event(job, decision="ask", by="policy")
-        with self._wake:
-            self._waiting[approval.id] = job
-            if self._watcher is None:
-                self._watcher = threading.Thread(
-                    target=self._watch, name="corral-bridge-approvals", daemon=True
-                )
-                self._watcher.start()
-            self._wake.notify_all()
+        self._waiter.add(approval.id, job, expires=approval.expires)
 
-    def _watch(self) -> None:
-        """Collect decisions for this process's waiting jobs; deny the expired ones."""
-        while True:
-            with self._wake:
-                self._wake.wait_for(lambda: bool(self._waiting) or self._closed)
-                if self._closed and not self._waiting:
-                    return
-                waiting = list(self._waiting.items())
-            now = time.time()
-            for approval_id, job in waiting:
-                decision = self.store.decision(approval_id)
-                if decision is None and now >= self._expiry(approval_id, job):
-                    decision = self.store.settle(
-                        approval_id, approve=False, by="timeout", reason="nobody decided in time"
-                    )
-                if decision is not None:
-                    self._settled(approval_id, job, decision)
-            with self._wake:
-                if self._waiting and not self._closed:
-                    self._wake.wait(DECISION_POLL_S)
-
-    def _expiry(self, approval_id: str, job: Job) -> float:
-        return job.created + self.approval_timeout_s
-
-    def _settled(self, approval_id: str, job: Job, decision: Decision) -> None:
-        with self._wake:
-            self._waiting.pop(approval_id, None)
-        self.store.remove(approval_id)
+    def _decided(self, job: Job, decision: Decision) -> None:
+        """The waiter's call, once per approval: queue the job or deny it, and record who."""
         self._audit_decision(job, approve=decision.approve, by=decision.by)
-        if decision.approve:
-            if self._table.move(job, "queued", reason=""):
-                try:
-                    self._pool.put(job)
-                except BridgeError as exc:  # shut down in the meantime
-                    self._table.move(job, "failed", reason=exc.message)
-            return
-        self._table.move(job, "denied", reason=denial_reason(decision, self.approval_timeout_s))
+        if not decision.approve:
+            reason = denial_reason(decision, self.approval_timeout_s)
+            self._table.move(job, "denied", reason=reason)
+        elif self._table.move(job, "queued", reason=""):
+            try:
+                self._pool.put(job)
+            except BridgeError as exc:  # shut down in the meantime
+                self._table.move(job, "failed", reason=exc.message)
 
     # -- audit -----------------------------------------------------------------------------
 
@@ -365,15 +341,7 @@ class Bridge:
             if self._closed:
                 return
             self._closed = True
-        with self._wake:
-            waiting = list(self._waiting.items())
-        for approval_id, job in waiting:
-            decision = self.store.settle(
-                approval_id, approve=False, by="shutdown", reason="the bridge shut down"
-            )
-            self._settled(approval_id, job, decision._replace(approve=False))
-        with self._wake:
-            self._wake.notify_all()
+        self._waiter.close()
         for job in self._table.jobs():
             with self._table.changed:
                 job.cancelled = True
@@ -382,8 +350,6 @@ class Bridge:
                 process.kill()
         for job in self._pool.close():
             self._table.move(job, "failed", reason="the bridge shut down before it ran")
-        if self._watcher is not None:
-            self._watcher.join(5)
         with self._lock:
             for sandbox in self._sandboxes.values():
                 sandbox.close()
@@ -411,6 +377,23 @@ def denial_reason(decision: Decision, timeout_s: float) -> str:
         f"a human ({decision.by}) denied it{why}. Ask them why, or what to do instead; do not "
         "retry in a loop. If they change their mind, they approve your next request"
     )
+
+
+def _refuse_writable_store(directory: str, policies: Mapping[str, Policy]) -> None:
+    """A command that could write the approvals directory could approve its own requests."""
+    from corral.errors import UsageError
+    from corral.policy.paths import is_within
+
+    for name, policy in policies.items():
+        fs = policy.filesystem
+        writable = any(is_within(directory, rule.value) for rule in fs.write)
+        protected = any(is_within(directory, rule.value) for rule in fs.deny_write)
+        if writable and not protected:
+            raise UsageError(
+                f"the approvals directory {directory} is writable inside the sandbox of "
+                f"command {name}: it could approve its own requests",
+                hint="keep the state directory out of the workspace and writable paths",
+            )
 
 
 def _command_environment(environ: Mapping[str, str]) -> dict[str, str]:
