@@ -275,3 +275,71 @@ def test_serve_rejects_a_missing_workspace(layout: Layout) -> None:
     )
     assert done.returncode == 2
     assert "not a directory" in done.stderr
+
+
+def _drop_request(spool: str, rid: str, request: dict[str, object]) -> None:
+    os.makedirs(f"{spool}/requests", exist_ok=True)
+    with open(f"{spool}/requests/.{rid}.json.tmp", "w") as f:
+        json.dump(request, f)
+    os.rename(f"{spool}/requests/.{rid}.json.tmp", f"{spool}/requests/{rid}.json")
+
+
+def _await_result(proc: subprocess.Popen[bytes], path: str) -> dict[str, object]:
+    """Polls for the result file; a dead server fails at once, a stuck one after the bound."""
+    for _ in range(int(STARTUP_BOUND_S / 0.05)):
+        if os.path.exists(path):
+            with open(path) as f:
+                result: dict[str, object] = json.load(f)
+                return result
+        if proc.poll() is not None:
+            pytest.fail(f"corral serve exited with {proc.returncode}")
+        select.select([], [], [], 0.05)
+    pytest.fail(f"no result at {path}")
+
+
+@pytest.mark.usefixtures("sandbox_available")
+def test_real_server_with_a_spool_beside_http(layout: Layout, started: list[Server]) -> None:
+    spool = f"{layout.root}/spool"
+    server = start_server(layout, started, "--port", "0", "--spool", spool)
+    assert stat.S_IMODE(os.lstat(spool).st_mode) == 0o700  # created private
+    _drop_request(spool, "r1", {"command": "echo", "args": {"word": "from-spool"}})
+    result = _await_result(server.proc, f"{spool}/results/r1.json")
+    assert result["ok"] is True
+    assert result["job"]["stdout"] == "from-spool\n"  # type: ignore[index]
+    with httpx.Client(base_url=server.where, timeout=60) as client:  # HTTP still served
+        assert client.get("/healthz").status_code == 200
+    code, _, err = stop(server)
+    assert code == 0, err
+
+
+@pytest.mark.usefixtures("sandbox_available")
+def test_spool_alone_serves_no_http(layout: Layout) -> None:
+    write_declarations(layout)
+    spool = f"{layout.root}/spool"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corral.bridge.serve",
+            "--spool",
+            spool,
+            "--workspace",
+            layout.workspace,
+        ],
+        env=layout.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    try:
+        early, _ = _read_until(proc, "serving the spool")
+        assert "listening on" not in early
+        _drop_request(spool, "r2", {"command": "count", "args": {"n": 2}})
+        result = _await_result(proc, f"{spool}/results/r2.json")
+        assert result["job"]["stdout"] == "1\n2\n"  # type: ignore[index]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
