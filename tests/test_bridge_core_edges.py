@@ -146,6 +146,10 @@ SETTINGS = {
         "w": {"argv": ["touch", "{p}"], "params": {"p": {"type": "path"}}, "writable": True},
         "slow": {"argv": ["sleep", "60"], "timeoutSeconds": 120},
         "missing": {"argv": ["no-such-program-corral-test"]},
+        "stream": {
+            "argv": ["python3", "-c", "import time; print('first', flush=True); time.sleep(60)"],
+            "timeoutSeconds": 120,
+        },
     }
 }
 
@@ -219,3 +223,24 @@ def test_illegal_moves_are_refused() -> None:
 
 def _host() -> HostPaths:
     return host_paths("/", {"HOME": "/nonexistent"})
+
+
+def test_ids_never_look_like_options() -> None:
+    ids = {new_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert not any(i.startswith("-") for i in ids)
+
+
+@pytest.mark.usefixtures("sandbox_available")
+def test_output_streams_while_the_command_runs(layout: Layout) -> None:
+    bridge = _bridge(layout)
+    view = bridge.submit("stream", {}, client="t")
+    deadline = time.monotonic() + 60
+    out, finished = b"", False
+    while b"first" not in out and time.monotonic() < deadline:
+        out, finished = bridge.output(view.id)
+        time.sleep(0.01)
+    assert out == b"first\n" and not finished
+    assert bridge.job(view.id).state == "running"
+    bridge.close()
+    assert bridge.output(view.id) == (b"first\n", True)

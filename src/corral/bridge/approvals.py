@@ -68,8 +68,13 @@ class Decision(NamedTuple):
     time: float
 
 
-def new_id() -> str:
-    return secrets.token_urlsafe(16)
+def new_id(nbytes: int = 16) -> str:
+    """An unguessable id that does not start with "-", so `corral approve ID` never takes it
+    for an option."""
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if not token.startswith("-"):
+            return token
 
 
 def _process_start(pid: int) -> str | None:

@@ -14,12 +14,13 @@ is read and dropped, and `truncated` says so. A timeout kills the whole sandbox.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import IO, TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from corral.errors import CorralError
 
@@ -286,37 +287,53 @@ def _run_to_end(
 
 
 def _wait_with_output(job: Job, proc: SandboxProcess, table: JobTable) -> bool:
-    """Copy the output into the job while waiting; kill at the timeout. True if it timed out."""
+    """Copy the output into the job while waiting; kill at the timeout. True if it timed out.
+
+    One selector loop on this worker's thread rather than a reader thread per stream: two
+    thread starts per job are a measurable share of a trivial command's round trip."""
+    import selectors
+
     assert proc.stdout is not None and proc.stderr is not None
-    readers = [
-        threading.Thread(target=_copy, args=(proc.stdout, job.stdout, job, table), daemon=True),
-        threading.Thread(target=_copy, args=(proc.stderr, job.stderr, job, table), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
+    deadline = time.monotonic() + job.invocation.timeout_s
     timed_out = False
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout.fileno(), selectors.EVENT_READ, job.stdout)
+    selector.register(proc.stderr.fileno(), selectors.EVENT_READ, job.stderr)
     try:
-        try:
-            proc.wait(job.invocation.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            proc.wait()
+        while selector.get_map():
+            left = None if timed_out else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                timed_out = True
+                proc.kill()  # the whole sandbox: the pipes reach EOF once it is gone
+                continue
+            for key, _events in selector.select(left):
+                chunk = os.read(key.fd, READ_CHUNK)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                _keep(job, key.data, chunk, table)
+        if not timed_out:
+            try:
+                # Both streams closed; the command may still run (it closed them itself).
+                proc.wait(max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                proc.kill()
+        proc.wait()
     finally:
+        selector.close()
         if proc.returncode is None:  # wait raised: leave nothing running behind
             proc.kill()
-        for reader in readers:
-            reader.join()
+        proc.stdout.close()
+        proc.stderr.close()
     return timed_out
 
 
-def _copy(stream: IO[bytes], into: bytearray, job: Job, table: JobTable) -> None:
-    limit = job.invocation.output_limit
-    while chunk := stream.read1(READ_CHUNK):  # type: ignore[attr-defined]
-        with table.changed:
-            room = max(limit - len(into), 0)
-            into += chunk[:room]
-            if len(chunk) > room:
-                job.truncated = True
-            table.changed.notify_all()
-    stream.close()
+def _keep(job: Job, into: bytearray, chunk: bytes, table: JobTable) -> None:
+    """Append what fits under the output limit; the rest is dropped and `truncated` set."""
+    with table.changed:
+        room = max(job.invocation.output_limit - len(into), 0)
+        into += chunk[:room]
+        if len(chunk) > room:
+            job.truncated = True
+        table.changed.notify_all()

@@ -19,7 +19,6 @@ run its session start and end (argv, cwd, mode, exit code) as `corral run` recor
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 from collections import deque
@@ -163,7 +162,7 @@ class Bridge:
             policy=self._policies[command.name],
             output_limit=self.limits.max_output_bytes,
         )
-        job = Job(secrets.token_urlsafe(12), invocation, client=client)
+        job = Job(new_id(12), invocation, client=client)
         with self._lock:
             if self._closed:
                 raise BridgeError("internal", "the bridge is shutting down", status=503)
