@@ -61,6 +61,9 @@ def test_loopback_listener_is_on_127_0_0_1_only() -> None:
     with serve.bind_loopback(0) as sock:
         address, port = sock.getsockname()
         assert address == "127.0.0.1" and port > 0
+        # asyncio turns on TCP_NODELAY for accepted connections only when proto says TCP;
+        # without it every response waits ~40 ms for a delayed ACK (Nagle).
+        assert sock.proto == socket.IPPROTO_TCP
 
 
 def test_unix_socket_is_0600_in_a_new_0700_directory(tmp_path: object) -> None:
