@@ -94,6 +94,18 @@ def _add_violations(commands: Subparsers) -> None:
     add_violations_command(commands)
 
 
+def _bridge(module: str, adder: str) -> Callable[[Subparsers], None]:
+    """A bridge command: its module (FastAPI, the MCP SDK...) is imported only to build its
+    parser, and the parser sets `handler`, so nothing here knows the bridge."""
+
+    def add(commands: Subparsers) -> None:
+        import importlib
+
+        getattr(importlib.import_module(f"corral.bridge.{module}"), adder)(commands)
+
+    return add
+
+
 # Each command adds its own parser, so that `corral run` builds only the parser it needs:
 # argparse costs about a millisecond per argument on the launch path.
 COMMANDS: dict[str, Callable[[Subparsers], None]] = {
@@ -103,6 +115,13 @@ COMMANDS: dict[str, Callable[[Subparsers], None]] = {
     "demo": _add_demo,
     "log": _add_log,
     "violations": _add_violations,
+    "serve": _bridge("serve", "add_serve_command"),
+    "mcp": _bridge("mcp_server", "add_mcp_command"),
+    "token": _bridge("token", "add_token_command"),
+    "tools": _bridge("cli", "add_tools_command"),
+    "approvals": _bridge("cli", "add_approvals_command"),
+    "approve": _bridge("cli", "add_approve_command"),
+    "deny": _bridge("cli", "add_deny_command"),
 }
 
 
@@ -252,8 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     only = words[0] if words and words[0] in COMMANDS else None
     args = build_parser(only=only).parse_args(words)
+    handler: Callable[[argparse.Namespace], int] = (
+        getattr(args, "handler", None) or HANDLERS[args.command]
+    )
     try:
-        return HANDLERS[args.command](args)
+        return handler(args)
     except CorralError as exc:
         print(f"corral: {exc.message}", file=sys.stderr)
         if exc.hint:

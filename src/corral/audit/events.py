@@ -25,6 +25,8 @@ from typing import Literal, NamedTuple, Protocol
 Kind = Literal["session", "network", "violation", "bridge"]
 KINDS: tuple[Kind, ...] = ("session", "network", "violation", "bridge")
 Decision = Literal["allow", "deny"]
+# A bridge request is also recorded when it starts waiting for a human ("ask").
+BridgeDecision = Literal["allow", "deny", "ask"]
 
 
 class Event(NamedTuple):
@@ -142,7 +144,7 @@ def bridge_event(
     request_id: str,
     command: str,
     params: Mapping[str, object],
-    decision: Decision,
+    decision: BridgeDecision,
     decided_by: str,
 ) -> Event:
     """A request through the bridge and who decided it ("policy", "user", a rule name...)."""

@@ -35,7 +35,7 @@ from .jobs import Job, JobTable, JobView, WorkerPool, execute
 from .waiter import ApprovalWaiter
 
 if TYPE_CHECKING:
-    from corral.audit.events import Sink
+    from corral.audit.events import BridgeDecision, Sink
     from corral.policy.model import HostPaths, Policy
     from corral.sandbox import Sandbox
 
@@ -315,14 +315,11 @@ class Bridge:
             )
         )
 
-    def _audit_event(self, job: Job, *, decision: str, by: str) -> None:
-        # bridge_event's Decision is allow/deny; a request that starts waiting for a human is
-        # recorded as "ask" (the audit store keeps the text as it is).
-        from corral.audit.events import Event
+    def _audit_event(self, job: Job, *, decision: BridgeDecision, by: str) -> None:
+        from corral.audit.events import bridge_event
 
         self.audit.emit(
-            Event.now(
-                "bridge",
+            bridge_event(
                 job.id,
                 request_id=job.id,
                 command=job.invocation.command.name,
