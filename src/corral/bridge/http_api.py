@@ -16,7 +16,8 @@ Rules:
 1. Every error is `{"error": {"code", "message", "hint"}}` with a stable code: the Bridge's own
    (BridgeError), and for what FastAPI decides itself: malformed_request (400: not JSON, not an
    object, unknown or ill-typed envelope field), invalid_parameter (422: a value out of range),
-   not_found (404), method_not_allowed (405), internal (500, the traceback only in the log).
+   not_found (404), method_not_allowed (405), internal (500, the traceback only in the log);
+   see http_errors.py.
 2. The gate (http_gate.py) checks Host, token, rate and body size before any route runs.
 3. The event loop never blocks: quick Bridge calls run in Starlette's thread pool; waiting for a
    job runs on a pool of its own (`HttpLimits.max_waiters` threads), so requests that wait can
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,14 +35,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, Security
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral.bridge.errors import BridgeError
-from corral.bridge.http_gate import Gate, GateLimits, error_body
+from corral.bridge.http_errors import install_error_handlers
+from corral.bridge.http_gate import Gate, GateLimits
 from corral.bridge.http_models import (
     FINISHED_STATES,
     MAX_REQUESTED_WAIT_S,
@@ -57,13 +56,11 @@ from corral.bridge.http_models import (
     Job,
     RunRequest,
 )
-from corral.bridge.ratelimit import retry_after_header
 
 if TYPE_CHECKING:
     from corral.bridge.declarations import Command
     from corral.bridge.service import BridgeLimits, JobView, PendingApproval
 
-log = logging.getLogger("corral.bridge.http")
 
 CLIENT = "http"
 MAX_ID_CHARS = 200  # ids are short tokens; a longer one is refused before the Bridge sees it
@@ -153,7 +150,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.corral_bridge = _Context(bridge, http, waiters)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.include_router(health)
     app.include_router(api)
     _include_web(app, bridge, token)
@@ -377,98 +374,3 @@ def _approval_rule(command: Command) -> str:
     return "ask when " + " or ".join(
         f"{name} matches /{pattern.pattern}/" for name, pattern in rule.ask_when
     )
-
-
-# -- errors ----------------------------------------------------------------------------------
-
-
-def _json_error(
-    status: int, code: str, message: str, hint: str = "", headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(code, message, hint), status_code=status, headers=headers)
-
-
-_RETRY_CODES = frozenset({"rate_limited", "too_many_jobs"})
-# Pydantic error types that mean the body is not the expected JSON object at all.
-_MALFORMED_TYPES = frozenset(
-    {
-        "json_invalid",
-        "json_type",
-        "model_attributes_type",
-        "model_type",
-        "dict_type",
-        "missing",
-        "extra_forbidden",
-        "bool_type",
-        "string_type",
-        "float_type",
-        "int_type",
-        "list_type",
-    }
-)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(BridgeError)
-    async def bridge_error(request: Request, exc: BridgeError) -> JSONResponse:
-        headers = {}
-        if exc.code in _RETRY_CODES:
-            after = exc.detail.get("retry_after_s", 1)
-            headers["Retry-After"] = retry_after_header(
-                float(after) if isinstance(after, int | float) else 1.0
-            )
-        return JSONResponse(exc.as_json(), status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc.errors())
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers or {})
-        if exc.status_code == 404:
-            return _json_error(
-                404,
-                "not_found",
-                f"no such endpoint: {request.url.path}",
-                "GET /openapi.json lists the endpoints",
-            )
-        if exc.status_code == 405:
-            return _json_error(
-                405,
-                "method_not_allowed",
-                f"{request.method} is not allowed on {request.url.path}",
-                f"allowed: {headers.get('Allow', '?')}",
-                headers,
-            )
-        code = "malformed_request" if exc.status_code == 400 else "internal"
-        return _json_error(exc.status_code, code, str(exc.detail), "", headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _json_error(
-            500,
-            "internal",
-            "the bridge failed to serve this request",
-            "the server's log has the details",
-        )
-
-
-def _validation_response(errors: Sequence[Any]) -> JSONResponse:
-    first = errors[0] if errors else {}
-    location = [str(part) for part in first.get("loc", ())]
-    if first.get("type") == "json_invalid":
-        reason = first.get("ctx", {}).get("error", "")
-        message = f"the body is not valid JSON: {reason}".rstrip(": ")
-    else:
-        where = ".".join(part for part in location if part != "body") or "body"
-        message = f"{where}: {first.get('msg', 'invalid request')}"
-    if first.get("type") in _MALFORMED_TYPES:
-        status, code, hint = 400, "malformed_request", "GET /openapi.json describes each body"
-    else:
-        status, code, hint = 422, "invalid_parameter", "GET /openapi.json gives each limit"
-    body = {
-        "error": {"code": code, "message": message, "hint": hint, "detail": {"location": location}}
-    }
-    return JSONResponse(body, status_code=status)
