@@ -3,21 +3,15 @@ parsers and handlers (as corral.cli calls them)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import pytest
 
-from corral.bridge.cli import (
-    add_approvals_command,
-    add_approve_command,
-    add_deny_command,
-    add_tools_command,
-    login_name,
-)
+from corral.bridge.cli import login_name
 from corral.bridge.errors import BridgeError
 from corral.bridge.service import Bridge
+from corral.cli import build_parser
 from tests.conftest import Layout
 
 SETTINGS = {
@@ -49,10 +43,8 @@ def project(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> Layout:
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="corral")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_tools_command, add_approve_command, add_deny_command, add_approvals_command):
-        add(commands)
+    """Through corral's own entry point, as `corral ...` runs it; BridgeError propagates."""
+    parser = build_parser(only=argv[0])
     args = parser.parse_args(argv)
     result: int = args.handler(args)
     return result

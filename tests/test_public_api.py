@@ -58,3 +58,12 @@ def test_import_corral_stays_lean() -> None:
     code = "import sys, corral; print(sorted(m for m in sys.modules if m.startswith('corral')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "['corral']"
+
+
+def test_the_run_parser_imports_nothing_of_the_bridge() -> None:
+    code = (
+        "import sys; from corral.cli import build_parser; build_parser(only='run');"
+        "print([m for m in sys.modules if m.startswith(('corral.bridge', 'fastapi', 'mcp'))])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
