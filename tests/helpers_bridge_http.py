@@ -7,6 +7,8 @@ method raise; `outputs` scripts the chunks `output` reveals, one more per call.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ from corral.bridge.declarations import Command, parse_command
 from corral.bridge.errors import BridgeError
 from corral.bridge.jobs import FINISHED, JobState, JobView
 from corral.bridge.service import BridgeLimits
+from tests.conftest import Layout
 
 TOKEN = "t" * 43
 
@@ -137,3 +140,32 @@ def pending_approval(approval_id: str = "ap1") -> PendingApproval:
         created=now,
         expires=now + 300,
     )
+
+
+# -- declarations for the real Bridge, in the workspace's .corral/settings.json ----------------
+
+REAL_COMMANDS: dict[str, object] = {
+    "echo": {
+        "description": "Print a word",
+        "argv": ["echo", "{word}"],
+        "params": {"word": {"type": "string", "maxLength": 200}},
+        "writable": True,  # so that an injection, were it ever run by a shell, leaves its canary
+    },
+    "count": {
+        "argv": ["seq", "{n}"],
+        "params": {"n": {"type": "integer", "minimum": 1, "maximum": 5}},
+    },
+    "touch": {
+        "argv": ["touch", "{p}"],
+        "params": {"p": {"type": "path"}},
+        "writable": True,
+        "approval": "ask",
+    },
+    "touch_auto": {"argv": ["touch", "{p}"], "params": {"p": {"type": "path"}}, "writable": True},
+}
+
+
+def write_declarations(layout: Layout, commands: dict[str, object] = REAL_COMMANDS) -> None:
+    os.makedirs(f"{layout.workspace}/.corral", exist_ok=True)
+    with open(f"{layout.workspace}/.corral/settings.json", "w") as f:
+        json.dump({"bridge": {"approvalTimeoutSeconds": 120, "commands": commands}}, f)

@@ -25,8 +25,7 @@ from corral.bridge.http_api import HttpLimits, create_app
 from corral.bridge.service import Bridge, BridgeLimits
 from corral.bridge.tools import input_schema
 from tests.conftest import Layout
-from tests.helpers_bridge_http import TOKEN, FakeBridge
-from tests.test_bridge_http import write_declarations
+from tests.helpers_bridge_http import TOKEN, FakeBridge, write_declarations
 
 pytestmark = pytest.mark.usefixtures("sandbox_available")
 

@@ -23,7 +23,7 @@ from corral.bridge import serve
 from corral.bridge.token import load_or_create
 from corral.errors import UsageError
 from tests.conftest import Layout
-from tests.test_bridge_http import write_declarations
+from tests.helpers_bridge_http import write_declarations
 
 STARTUP_BOUND_S = 60.0  # only bounds a broken start; a healthy one prints at once
 
