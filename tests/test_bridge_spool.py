@@ -444,10 +444,6 @@ def served(layout: Layout, sandbox_available: None) -> Iterator[tuple[Path, Brid
     root = Path(layout.root) / "spool"
     stop = threading.Event()
     with Bridge.from_settings(layout.workspace, environ=layout.env, limits=limits) as bridge:
-        # One launch first: concurrent first launches on a fresh state directory race in
-        # launch.ensure_empty_file (FileExistsError; reported, not this module's to fix).
-        warm = bridge.submit("greet", {"name": "warm"}, client="test")
-        assert bridge.wait(warm.id, timeout_s=DEADLINE).state == "succeeded"
         server = spool(bridge, root, poll_s=0.02)
         thread = threading.Thread(target=server.serve, args=(stop,))
         thread.start()

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,36 @@ def test_each_workspace_gets_its_own_cache(layout: Layout) -> None:
     other = layout._replace(workspace=f"{layout.home}/other")
     os.makedirs(other.workspace)
     assert package_cache_dir(layout.host()) != package_cache_dir(other.host())
+
+
+def test_first_launches_racing_for_the_empty_file_all_get_it(tmp_path: Path) -> None:
+    # Several sandboxes starting at once on a fresh state directory (the bridge's workers)
+    # all need the empty file that stands in for hidden ones; none may fail for the others.
+    import threading
+
+    from corral.launch import ensure_empty_file
+
+    for round_ in range(50):
+        path = str(tmp_path / f"empty{round_}")
+        start = threading.Barrier(8)
+        failures: list[BaseException] = []
+
+        def make(
+            path: str = path,
+            start: threading.Barrier = start,
+            failures: list[BaseException] = failures,
+        ) -> None:
+            start.wait()
+            try:
+                ensure_empty_file(path)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=make) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert os.stat(path).st_mode & 0o7777 == 0o444 and os.path.getsize(path) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(f"empty{n}" for n in range(50))

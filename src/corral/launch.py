@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -168,10 +169,13 @@ def ensure_empty_file(path: str) -> str:
         st = os.lstat(path)
         if st.st_size == 0 and (st.st_mode & 0o170777) == 0o100444:
             return path
-        os.unlink(path)
     except FileNotFoundError:
         pass
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444)
+    # Made aside and renamed into place: several first launches may race here, and rename
+    # replaces whatever another one put there, where O_EXCL on `path` would fail.
+    staging = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444)
     os.fchmod(fd, 0o444)
     os.close(fd)
+    os.replace(staging, path)
     return path
