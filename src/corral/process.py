@@ -122,10 +122,31 @@ class SandboxProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            self._popen.wait(timeout)
+            if timeout is not None and self._popen.returncode is None:
+                self._sleep_until_exit(timeout)
+            self._popen.wait()
             self._finish()
         assert self.returncode is not None
         return self.returncode
+
+    def _sleep_until_exit(self, timeout: float) -> None:
+        """Sleeps until the child exits or `timeout` passes (TimeoutExpired).
+
+        Popen.wait(timeout) polls with sleeps that grow to 50 ms, so every command waited on
+        that way ended up to a poll step late (about 4 ms a launch); a pidfd becomes readable
+        the moment the child exits. The child is ours and not yet reaped, so its pid cannot
+        have been reused.
+        """
+        try:
+            fd = os.pidfd_open(self._popen.pid)
+        except OSError:
+            self._popen.wait(timeout)
+            return
+        try:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self._popen.args, timeout)
+        finally:
+            os.close(fd)
 
     def communicate(
         self, input: bytes | None = None, timeout: float | None = None
