@@ -89,12 +89,22 @@ class World(NamedTuple):
         err = (result.stderr or b"").decode(errors="replace")
         return result.returncode, out, err, result.sandbox_id
 
-    def events(self, host: str | None = None) -> list[dict[str, object]]:
-        return [
-            {"sandbox_id": e.sandbox_id, **e.fields}
-            for e in self.sink.of_kind("network")
-            if host is None or e.fields["host"] == host
-        ]
+    def events(self, host: str | None = None, *, at_least: int = 0) -> list[dict[str, object]]:
+        """The network events so far. `at_least`: wait (up to 10 s) until there are that many:
+        a tunnel's event is recorded when the proxy has closed it, which can be just after
+        the client inside has exited."""
+        import time
+
+        deadline = time.monotonic() + 10
+        while True:
+            found = [
+                {"sandbox_id": e.sandbox_id, **e.fields}
+                for e in self.sink.of_kind("network")
+                if host is None or e.fields["host"] == host
+            ]
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.01)
 
 
 @contextmanager
