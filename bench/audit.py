@@ -12,6 +12,13 @@ gives the median round. Target: >= 50,000 events/s sustained with durability "no
 
 The "processes" variant runs P writer processes against one file at once (each emits N/P
 events, flushing every 1,000, after a common start signal) and reports the aggregate rate.
+
+    .venv/bin/python bench/audit.py --part monitor [--rounds R] [--markdown]
+
+The violation monitor's overhead (`bench/audit_monitor.py`): a file-heavy workload run in the
+sandbox with the monitor on and off, phase by phase, R rounds interleaved; the table gives the
+median time of each side and their ratio. Target: under 1.05 on the whole workload (above
+1.10 is a failure).
 """
 
 from __future__ import annotations
@@ -161,11 +168,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "COUNT", "SESSION"))
+    parser.add_argument("--part", choices=["all", "throughput", "monitor"], default="all")
+    parser.add_argument("--rounds", type=int, default=None, help="monitor rounds (default 5)")
     args = parser.parse_args(argv)
     if args.child:
         path, count, session = args.child
         child_main(path, int(count), session)
         return
+    if args.part in ("all", "throughput"):
+        throughput(args)
+    if args.part in ("all", "monitor"):
+        from audit_monitor import monitor_overhead  # bench/ is the script's own directory
+
+        monitor_overhead(rounds=args.rounds or 5, markdown=args.markdown)
+
+
+def throughput(args: argparse.Namespace) -> None:
 
     scratch = tempfile.mkdtemp(prefix="corral-bench-audit-", dir=SCRATCH_ROOT)
     rows: list[list[str]] = []

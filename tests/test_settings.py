@@ -94,7 +94,7 @@ BROKEN = [
     ),
     (
         '{"mdoe": "strict"}',
-        "{f}: unknown key: mdoe; " + UNKNOWN + ", ignoreViolations, limits, mode, network",
+        "{f}: unknown key: mdoe; " + UNKNOWN + ", ignoreViolations, limits, mode, monitor, network",
     ),
     (
         '{"network": {"allowedDomains": ["ok.example", "x.com/path"]}}',

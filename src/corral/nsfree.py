@@ -31,11 +31,11 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from corral.backends.bubblewrap import Session
 from corral.backends.facts import gather_disk_facts
-from corral.backends.fsplan import plan_filesystem
+from corral.backends.fsplan import FilesystemPlan, plan_filesystem
 from corral.backends.landlock import enforcement
 from corral.backends.landlock_nsfree import nsfree_rules, prepare_nsfree
 from corral.backends.limits import launch_rlimits, make_preexec
@@ -45,9 +45,14 @@ from corral.policy.model import Policy
 from corral.probe import MachineFacts
 from corral.process import SandboxProcess
 
+if TYPE_CHECKING:
+    from corral.monitor import MonitorLaunch
+
 File = int | IO[bytes] | IO[str] | None
 NetworkSource = Callable[[], NetworkService | None]
 """The Sandbox's proxy, started on first use (`Sandbox.network`)."""
+MonitorSource = Callable[[FilesystemPlan, Sequence[str]], "MonitorLaunch | None"]
+"""The violation monitor's launch for a plan and the writable paths Landlock grants."""
 # Landlock restricts TCP connect and bind from this ABI on (Linux 6.7).
 LANDLOCK_NET_ABI = 4
 
@@ -75,9 +80,11 @@ def spawn_nsfree(
     session: Session,
     sandbox_id: str,
     network: NetworkSource | None = None,
+    monitor: MonitorSource | None = None,
 ) -> SandboxProcess:
     """Start `argv` under the Landlock-only backend. `env` is already the sandbox's.
     `network` gives the proxy when the policy needs one (without it such a policy is refused).
+    `monitor` gives the violation monitor's launch for the plan and the writable paths.
     """
     check_nsfree_network(policy, facts, have_proxy=network is not None)
     plan = plan_filesystem(policy, gather_disk_facts(policy))
@@ -88,10 +95,12 @@ def spawn_nsfree(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
 
-    def cleanup() -> None:
+    def cleanup_command() -> None:
         if host_net is not None:
             host_net.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    cleanup = cleanup_command
 
     rules = nsfree_rules(
         plan, abi=facts.landlock_abi, network=policy.network, tmp_dir=tmp_dir,
@@ -104,6 +113,9 @@ def spawn_nsfree(
     if host_net is not None:
         add_network_environment(env, host_net.env)
     limit = make_preexec(launch_rlimits(policy.limits, facts))
+    # What Landlock grants for writing (nsfree_rules): the private /tmp is tmp_dir here.
+    writable = [tmp_dir if path == "/tmp" else path for path in plan.writable]
+    watch = monitor(plan, writable) if monitor is not None else None
     try:
         with prepare_nsfree(rules, seccomp_program=seccomp_program) as launcher:
 
@@ -111,18 +123,25 @@ def spawn_nsfree(
                 limit()
                 launcher()
 
-            popen = subprocess.Popen(
-                list(argv),
-                cwd=workdir,
-                env=env,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                pass_fds=tuple(pass_fds),
-                close_fds=True,
-                preexec_fn=restrict,
-                process_group=0 if session == "new" else None,
-            )
+            def start() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    list(argv),
+                    cwd=workdir,
+                    env=env,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    pass_fds=tuple(pass_fds),
+                    close_fds=True,
+                    preexec_fn=restrict,
+                    process_group=0 if session == "new" else None,
+                )
+
+            if watch is None:
+                popen = start()
+            else:
+                popen, running = watch.spawn(start)
+                cleanup = _stop_first(running.stop, cleanup)
     except BaseException as exc:
         cleanup()
         if isinstance(exc, (OSError, subprocess.SubprocessError)):
@@ -137,6 +156,16 @@ def spawn_nsfree(
         sandbox_id=sandbox_id,
         cleanup=cleanup,
     )
+
+
+def _stop_first(stop: Callable[[], object], then: Callable[[], None]) -> Callable[[], None]:
+    """The monitor reports everything it saw before the command's own cleanup runs."""
+
+    def both() -> None:
+        stop()
+        then()
+
+    return both
 
 
 def check_nsfree_network(policy: Policy, facts: MachineFacts, *, have_proxy: bool) -> None:

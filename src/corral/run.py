@@ -6,9 +6,14 @@ SIGHUP to the sandboxed process group. With an inherited session (interactive TT
 terminal already delivers Ctrl-C and Ctrl-\\ to the command itself, so corral ignores those two
 and forwards only SIGTERM and SIGHUP.
 
-Breadcrumbs: when stderr is not a terminal (an agent reading a pipe), corral relays the
-command's stderr through itself and records each denial it saw. At exit (unless --quiet) it
-prints one line per refused attempt, file or network, that ignoreViolations does not cover.
+Refused attempts come from two sources, one per kind (corral.audit.violations, rule 4):
+- the violation monitor (corral.monitor, on unless monitor.violations is "off") records each
+  refused write, and with "all" each open of a hidden path too, with its pid and executable;
+- breadcrumbs: when stderr is not a terminal (an agent reading a pipe), corral relays the
+  command's stderr through itself and records each denial it names that the monitor does not
+  cover (with the default "writes": reads of hidden paths). With "all" there is no relay.
+At exit (unless --quiet) it prints one line per refused attempt, file or network, that
+ignoreViolations does not cover.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from corral.audit.record import (
 from corral.audit.spool import SpoolSink, spool_directory
 from corral.audit.violations import RunViolations
 from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
-from corral.policy.model import Policy
+from corral.policy.model import MonitorViolations, Policy
 from corral.process import SandboxProcess
 from corral.sandbox import Sandbox
 
@@ -45,19 +50,27 @@ MAX_SCANNED_LINE = 4096  # longer lines are relayed but not scanned
 
 
 def run_in_terminal(
-    policy: Policy, argv: Sequence[str], *, timeout: float | None, quiet: bool
+    policy: Policy,
+    argv: Sequence[str],
+    *,
+    timeout: float | None,
+    quiet: bool,
+    monitor: MonitorViolations | None = None,
 ) -> int:
+    """`monitor`: what the violation monitor watches ("writes", "all", "off"); None: as the
+    policy's monitor.violations says."""
     if timeout is None:
         timeout = policy.limits.timeout_seconds
-    # Not tied to --quiet: what was refused is recorded either way; --quiet only says nothing.
-    watch = not os.isatty(2)
     # Audit records go to an append-only spool on the launch path (cheap, nothing lost when
     # corral is killed); `corral log` moves them into the SQLite log when it reads.
     spool = SpoolSink(spool_directory(policy.host), os.urandom(6).hex())
     violations = RunViolations(spool, policy, argv)
     session: Session = "inherit" if os.isatty(0) else "new"  # Sandbox.spawn's own default
     ask = _ask_for_run(policy, session=session, quiet=quiet)
-    sandbox = Sandbox(policy, sink=violations, ask=ask)
+    sandbox = Sandbox(policy, sink=violations, ask=ask, monitor=monitor)
+    # Not tied to --quiet: what was refused is recorded either way; --quiet only says nothing.
+    # With the monitor watching every open, the error output has nothing left to add.
+    watch = not os.isatty(2) and sandbox.monitoring != "all"
     before = children_usage()
     proc = sandbox.spawn(argv, stderr=subprocess.PIPE if watch else None, session=session)
     record_session_start(

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from corral.audit.events import Sink
+    from corral.monitor import Monitor, MonitorLaunch
 
 from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
 from corral.backends.cgroup import (
@@ -66,7 +67,7 @@ from corral.network import (
     add_network_environment,
     start_network,
 )
-from corral.policy.model import Policy
+from corral.policy.model import MonitorViolations, Policy
 from corral.policy.paths import is_within
 from corral.probe import MachineFacts, probe
 from corral.process import SandboxProcess, capture_bounded, communicate
@@ -96,10 +97,13 @@ class Sandbox:
         sink: Sink | None = None,
         resolver: Resolver | None = None,
         ask: Ask | None = None,
+        monitor: MonitorViolations | None = None,
     ) -> None:
-        """`sink` receives audit events (sessions, network decisions); `resolver` maps a host
-        name to addresses for the proxy (tests map test names to loopback servers); `ask`
-        decides hosts in neither domain list ("once", "always" or "deny")."""
+        """`sink` receives audit events (sessions, network decisions, the violations the
+        monitor sees); `resolver` maps a host name to addresses for the proxy (tests map test
+        names to loopback servers); `ask` decides hosts in neither domain list ("once",
+        "always" or "deny"); `monitor` chooses what the violation monitor watches, "all",
+        "writes" or "off" (None: as the policy's monitor.violations says)."""
         self.policy = policy
         if sink is None:
             from corral.audit.events import MemorySink
@@ -115,6 +119,11 @@ class Sandbox:
         self._network: NetworkService | None = None
         self._network_started = False
         self._backend: Literal["bwrap", "landlock"] | None = None
+        self._monitor = monitor
+        self._notify_program: bytes | None = None
+        self.monitored_calls = 0
+        """System calls the violation monitor was notified of, over this Sandbox's finished
+        commands (for the benchmark and tests: the monitor's cost is per call)."""
 
     @property
     def backend(self) -> str:
@@ -151,6 +160,60 @@ class Sandbox:
             )
             self._seccomp_program = build_filter(options, arch=host_arch())
         return self._seccomp_program
+
+    @property
+    def monitoring(self) -> MonitorViolations:
+        """What the violation monitor watches in this Sandbox's commands: the `monitor`
+        argument, else the policy's monitor.violations; "off" where it cannot run here."""
+        wanted = self._monitor or self.policy.monitor_violations
+        if wanted == "off":
+            return "off"
+        from corral.monitor import monitor_unavailable
+
+        facts = self._machine()
+        unavailable = monitor_unavailable(facts.kernel, bwrap_setuid=facts.bwrap_setuid)
+        return wanted if unavailable is None else "off"
+
+    def _monitor_launch(
+        self,
+        plan: FilesystemPlan,
+        sandbox_id: str,
+        *,
+        writable: Sequence[str] | None = None,
+    ) -> MonitorLaunch | None:
+        """The violation monitor's launch for one command (corral.monitor), or None when it
+        runs unwatched. Reports go to the sink. With bwrap, its own calls (its mount set-up)
+        are not reports; with the Landlock-only backend (`writable` given), chmod and the like
+        are not either, as Landlock lets them through."""
+        opens = self.monitoring
+        if opens == "off":
+            return None
+        from corral.audit.violations import attempt_recorder
+        from corral.backends.seccomp_notify import build_notify_filter
+        from corral.monitor import METADATA_OPERATIONS, Boundary, MonitorLaunch
+
+        if self._notify_program is None:
+            self._notify_program = build_notify_filter(arch=host_arch(), opens=opens)
+        if writable is None:
+            bwrap = self._bwrap or self._machine().bwrap_path or "bwrap"
+            private_tmp = ("/tmp",) if self.policy.filesystem.private_tmp else ()
+            boundary = Boundary(plan, self.policy, inside_only=private_tmp)
+            launchers = [os.path.realpath(bwrap)]
+        else:
+            boundary = Boundary(plan, self.policy, writable=writable, unrefused=METADATA_OPERATIONS)
+            launchers = []
+        return MonitorLaunch(
+            self._notify_program,
+            boundary,
+            attempt_recorder(self.sink, sandbox_id, opens=opens),
+            kernel=self._machine().kernel,
+            opens=opens,
+            launchers=launchers,
+        )
+
+    def _stop_monitor(self, monitor: Monitor) -> None:
+        monitor.stop()
+        self.monitored_calls += monitor.notifications
 
     @classmethod
     def from_settings(
@@ -304,6 +367,9 @@ class Sandbox:
                 session=session,
                 sandbox_id=sandbox_id,
                 network=self.network,
+                monitor=lambda plan, writable: self._monitor_launch(
+                    plan, sandbox_id, writable=writable
+                ),
             )
         network = self.network()
         empty_file = self._prepare_host()
@@ -318,6 +384,8 @@ class Sandbox:
         command_net = None
         journal = None
         cgroup = self._make_cgroup(facts, sandbox_id) if held else None
+        watch = self._monitor_launch(plan, sandbox_id)
+        monitor: Monitor | None = None
         try:
             if network is not None:
                 command_net = network.for_command(sandbox_id)
@@ -374,22 +442,33 @@ class Sandbox:
             journal = create_placeholders(
                 plan.placeholders, journal_dir=f"{policy.host.state_dir}/placeholders"
             )
-            popen = subprocess.Popen(
-                command,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                env=child_env,
-                pass_fds=[
-                    *child_side,
-                    *inherited_too,
-                    *pass_fds,
-                    *(command_net.pass_fds if command_net else ()),
-                ],
-                close_fds=True,
-                preexec_fn=preexec_for(inherit=inherit, rlimits=None if held else rlimits),
-                process_group=None if inherit else 0,
-            )
+            preexec = preexec_for(inherit=inherit, rlimits=None if held else rlimits)
+            if preexec is None and watch is not None and not watch.vfork_safe:
+                preexec = _without_vfork
+            fds = [
+                *child_side,
+                *inherited_too,
+                *pass_fds,
+                *(command_net.pass_fds if command_net else ()),
+            ]
+
+            def start() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    command,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    env=child_env,
+                    pass_fds=fds,
+                    close_fds=True,
+                    preexec_fn=preexec,
+                    process_group=None if inherit else 0,
+                )
+
+            if watch is None:
+                popen = start()
+            else:
+                popen, monitor = watch.spawn(start)
         except BaseException as exc:
             for fd in parent_side:
                 os.close(fd)
@@ -407,6 +486,11 @@ class Sandbox:
                 prepared.close()
             if network is not None and command_net is not None:
                 network.after_spawn(command_net)
+        cleanups: list[Callable[[], None]] = []
+        if monitor is not None:
+            cleanups.append(lambda: self._stop_monitor(monitor))
+        if cgroup is not None:
+            cleanups.append(lambda: remove_cgroup(cgroup))
         proc = SandboxProcess(
             popen,
             status_fd=status_r,
@@ -414,7 +498,7 @@ class Sandbox:
             journal=journal,
             plan=plan,
             sandbox_id=sandbox_id,
-            cleanup=(lambda: remove_cgroup(cgroup)) if cgroup is not None else None,
+            cleanup=_in_order(cleanups),
         )
         if gate_w is not None:
             limit_then_release(proc, rlimits, gate_w, cgroup)
@@ -454,3 +538,20 @@ class Sandbox:
             out, err, timed_out, truncated = capture_bounded(proc, input, timeout, limit)
         returncode = proc.returncode if proc.returncode is not None else -1
         return RunResult(returncode, out, err, timed_out, proc.sandbox_id, truncated)
+
+
+def _without_vfork() -> None:
+    """A preexec_fn that does nothing: having one makes subprocess fork instead of vfork,
+    which the violation monitor needs where vfork would deadlock (MonitorLaunch.vfork_safe)."""
+
+
+def _in_order(steps: Sequence[Callable[[], None]]) -> Callable[[], None] | None:
+    """One cleanup running `steps` in order (None when there are none)."""
+    if not steps:
+        return None
+
+    def run_all() -> None:
+        for step in steps:
+            step()
+
+    return run_all

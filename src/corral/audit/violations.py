@@ -14,9 +14,15 @@ target is the host the proxy refused). Rules:
      `allowedDomains` reads the same pattern.
 2. An ignored attempt is still recorded, with ignored=True; only reports leave it out: the
    summary below and `corral violations` without --all or --ignored.
-3. The command matched is the one corral was asked to run, not the process that tripped:
-   under `bash -c "npm test"` it is "bash". The error output breadcrumbs come from cannot say
-   which process it was; a kernel-side monitor could, and would match its executable too.
+3. The command matched is the one corral was asked to run and, for attempts the violation
+   monitor saw (corral.monitor), also the executable that made it: under `bash -c "npm test"`
+   a rule for "bash" covers every attempt, a rule for "npm" those of the npm program (its
+   executable's base name, or its whole path when the rule names one). The error output
+   breadcrumbs come from cannot say which process it was, so only the command matches there.
+4. One source per kind of attempt and run, so an attempt is never counted twice: when the
+   monitor watches a run's writes (`attach_monitor`), its write breadcrumbs are dropped, and
+   when it watches every open ("all"), its read breadcrumbs too. With the default "writes",
+   a denied read is still found in the error output, without pid or executable.
 
 Imported on the launch path by `corral run`: os and threading only at module level; fnmatch
 (which pulls in `re`, ~10 ms) only once there is an attempt and a rule to match it against.
@@ -26,25 +32,49 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from corral.audit.events import Event, Sink, violation_event
 
 if TYPE_CHECKING:
     from corral.breadcrumbs import Breadcrumb
-    from corral.policy.model import IgnoreRule, Policy
+    from corral.policy.model import IgnoreRule, MonitorViolations, Policy
 
 # Lines of the end-of-run summary; past this, one more line says how many were left out and
 # where to see them (a runaway loop must not bury the command's own last words).
 MAX_SUMMARY_LINES = 10
 
 
+class Attempt(NamedTuple):
+    """One refused filesystem attempt, as the monitor or a breadcrumb found it."""
+
+    pid: int
+    """The host pid of the process that made it; 0 when unknown (breadcrumbs)."""
+    executable: str
+    """Its executable as the sandbox sees it; "" when unknown."""
+    operation: str
+    """"read", "write", "mkdir", "unlink", "rename", ... (breadcrumbs: "read" or "write")."""
+    path: str
+    because: str
+    fix: str
+    """The settings line that would allow it, or why none can."""
+
+    def __str__(self) -> str:
+        return f"{self.operation} {self.path}: {self.because}; {self.fix}"
+
+
 def is_ignored(
-    rules: Sequence[IgnoreRule], argv: Sequence[str], target: str, *, home: str | None = None
+    rules: Sequence[IgnoreRule],
+    argv: Sequence[str],
+    target: str,
+    *,
+    home: str | None = None,
+    executable: str = "",
 ) -> IgnoreRule | None:
     """The first rule that covers an attempt on `target` (a path, or a host name) by the
-    command `argv`, or None. `home` replaces a leading "~/" in path patterns."""
+    command `argv` (or by `executable`, rule 3), or None. `home` replaces a leading "~/" in
+    path patterns."""
     if not rules:
         return None
     from fnmatch import fnmatchcase
@@ -52,7 +82,8 @@ def is_ignored(
     is_path = target.startswith("/")
     candidates = _path_and_parents(target) if is_path else [target.lower().rstrip(".")]
     for rule in rules:
-        if not _command_matches(rule.command, argv):
+        by_command = _command_matches(rule.command, argv)
+        if not by_command and not _executable_matches(rule.command, executable):
             continue
         pattern = rule.pattern
         if is_path and home and pattern.startswith("~/"):
@@ -72,6 +103,13 @@ def _command_matches(command: str, argv: Sequence[str]) -> bool:
         return False
     head = argv[0] if "/" in words[0] else os.path.basename(argv[0])
     return [head, *argv[1 : len(words)]] == words
+
+
+def _executable_matches(command: str, executable: str) -> bool:
+    words = command.split()
+    if len(words) != 1 or not executable:
+        return False
+    return words[0] == (executable if "/" in words[0] else os.path.basename(executable))
 
 
 def _path_and_parents(path: str) -> list[str]:
@@ -110,6 +148,8 @@ class RunViolations:
         self._settings_file = f"{policy.host.project_settings_dir}/settings.local.json"
         self._lock = threading.Lock()
         self._lines: dict[tuple[object, ...], str] = {}
+        self._monitored: dict[str, frozenset[str]] = {}
+        """Per run the monitor watches: the breadcrumb accesses it covers."""
 
     def emit(self, event: Event) -> None:
         target = _target_of(event)
@@ -125,26 +165,33 @@ class RunViolations:
     def close(self) -> None:
         pass
 
+    def attach_monitor(self, sandbox_id: str, *, opens: MonitorViolations) -> None:
+        """The violation monitor watches this run: breadcrumbs of what it covers are dropped
+        (rule 4). `opens` is what it watches, "writes" or "all"."""
+        covered = frozenset({"read", "write"} if opens == "all" else {"write"})
+        with self._lock:
+            self._monitored[sandbox_id] = covered
+
     def record_breadcrumbs(self, sandbox_id: str, crumbs: Iterable[Breadcrumb]) -> None:
         """Records each denial found in the command's error output as a violation. It has no
         pid or executable (pid 0): the error output does not say which process it was."""
+        with self._lock:
+            covered = self._monitored.get(sandbox_id, frozenset())
         for crumb in crumbs:
-            ignored = self._ignored(crumb.path)
-            event = violation_event(
-                sandbox_id,
-                pid=0,
-                executable="",
-                operation=crumb.access,
-                path=crumb.path,
-                rule=crumb.because,
-                ignored=ignored,
-            )
-            self._sink.emit(event)
-            if not ignored:
-                from corral.audit.render import escape  # the path comes from inside
+            if crumb.access in covered:
+                continue
+            attempt = Attempt(0, "", crumb.access, crumb.path, crumb.because, crumb.fix)
+            self.record_attempt(sandbox_id, attempt)
 
-                key = ("file", crumb.access, crumb.path)
-                self._add(key, f"corral: blocked {escape(str(crumb))}")
+    def record_attempt(self, sandbox_id: str, attempt: Attempt) -> None:
+        """Records one refused filesystem attempt, marked when a rule covers it."""
+        ignored = self._ignored(attempt.path, attempt.executable)
+        self._sink.emit(attempt_event(sandbox_id, attempt, ignored=ignored))
+        if not ignored:
+            from corral.audit.render import escape  # the path comes from inside
+
+            key = ("file", attempt.operation, attempt.path)
+            self._add(key, f"corral: blocked {escape(str(attempt))}")
 
     def summary(self, sandbox_id: str) -> list[str]:
         """One line per distinct attempt that was not ignored, each naming the setting that
@@ -159,8 +206,9 @@ class RunViolations:
             f"corral: and {left} more blocked: corral violations --session {sandbox_id}",
         ]
 
-    def _ignored(self, target: str) -> bool:
-        return is_ignored(self._rules, self._argv, target, home=self._home) is not None
+    def _ignored(self, target: str, executable: str = "") -> bool:
+        found = is_ignored(self._rules, self._argv, target, home=self._home, executable=executable)
+        return found is not None
 
     def _remember(self, event: Event) -> None:
         fields = event.fields
@@ -182,3 +230,29 @@ class RunViolations:
     def _add(self, key: tuple[object, ...], line: str) -> None:
         with self._lock:
             self._lines.setdefault(key, line)
+
+
+def attempt_event(sandbox_id: str, attempt: Attempt, *, ignored: bool = False) -> Event:
+    """The audit record of an attempt: the setting that would allow it stays out of the log
+    (it is for the end-of-run line), the reason is its rule."""
+    return violation_event(
+        sandbox_id,
+        pid=attempt.pid,
+        executable=attempt.executable,
+        operation=attempt.operation,
+        path=attempt.path,
+        rule=attempt.because,
+        ignored=ignored,
+    )
+
+
+def attempt_recorder(
+    sink: Sink, sandbox_id: str, *, opens: MonitorViolations
+) -> Callable[[Attempt], None]:
+    """Where the violation monitor of one sandbox sends its attempts: a RunViolations marks
+    and summarises them (and stops taking breadcrumbs of what the monitor covers, rule 4);
+    any other sink gets the plain records."""
+    if isinstance(sink, RunViolations):
+        sink.attach_monitor(sandbox_id, opens=opens)
+        return lambda attempt: sink.record_attempt(sandbox_id, attempt)
+    return lambda attempt: sink.emit(attempt_event(sandbox_id, attempt))

@@ -156,6 +156,18 @@ SETTINGS_SCHEMA: dict[str, object] = {
             " (with a notice); bwrap or landlock: that backend or an error",
         },
         "excludedCommands": _list(_TEXT, "Commands run outside the sandbox."),
+        "monitor": _section(
+            {
+                "violations": {
+                    "enum": ["writes", "all", "off"],
+                    "description": "Record each file access the sandbox refuses, with the"
+                    " process and the setting that would allow it: writes (attempts to write;"
+                    " the default), all (opens of hidden paths too; costs more on file-heavy"
+                    " work), off.",
+                },
+            },
+            "What corral watches inside the sandbox; watching never changes what is allowed.",
+        ),
         # Read by `corral serve` and `corral mcp` only (corral.bridge.declarations checks it
         # in full there): `corral run` should not pay for checking what it never uses.
         "bridge": {

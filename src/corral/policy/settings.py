@@ -107,6 +107,7 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "network.socksProxyPort": ("network", "socks_proxy_port"),
     "allowUnsandboxedCommands": ("", "allow_unsandboxed_commands"),
     "backend": ("", "backend"),
+    "monitor.violations": ("", "monitor_violations"),
 }
 
 _Lists = dict[str, list[Rule]]
