@@ -52,7 +52,7 @@ File = int | IO[bytes] | IO[str] | None
 NetworkSource = Callable[[], NetworkService | None]
 """The Sandbox's proxy, started on first use (`Sandbox.network`)."""
 MonitorSource = Callable[[FilesystemPlan, Sequence[str]], "MonitorLaunch | None"]
-"""The violation monitor's launch for a plan and the writable paths Landlock grants."""
+"""The violation monitor's launch for a plan and the paths Landlock grants for writing."""
 # Landlock restricts TCP connect and bind from this ABI on (Linux 6.7).
 LANDLOCK_NET_ABI = 4
 
@@ -113,9 +113,7 @@ def spawn_nsfree(
     if host_net is not None:
         add_network_environment(env, host_net.env)
     limit = make_preexec(launch_rlimits(policy.limits, facts))
-    # What Landlock grants for writing (nsfree_rules): the private /tmp is tmp_dir here.
-    writable = [tmp_dir if path == "/tmp" else path for path in plan.writable]
-    watch = monitor(plan, writable) if monitor is not None else None
+    watch = monitor(plan, rules.write_paths) if monitor is not None else None
     try:
         with prepare_nsfree(rules, seccomp_program=seccomp_program) as launcher:
 

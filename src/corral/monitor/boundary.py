@@ -38,6 +38,10 @@ Intent = Literal["read", "write"]
 
 # Rule 1: file systems the kernel makes inside the sandbox.
 KERNEL_MADE = ("/dev", "/proc")
+# A path the policy makes writable that the Landlock-only backend's grants leave out: directly
+# in a directory holding a protected path (backends/landlock_nsfree.py, rule 4).
+FROZEN = "in a directory Landlock freezes around a protected path"
+FROZEN_FIX = "create it in a subdirectory (docs/landlock.md), or use a machine with user namespaces"
 # Operations on a file's metadata, which Landlock does not restrict (docs/security-model.md).
 METADATA_OPERATIONS = ("chmod", "chown", "utimes", "setxattr", "removexattr")
 
@@ -69,11 +73,11 @@ class Boundary:
     """The plan's boundary, prepared for the supervisor's per-call checks.
 
     `writable`: where the command may write (default: the plan's writable paths; the
-    Landlock-only backend passes its own, with its private /tmp directory). `inside_only`:
-    writable paths that exist only inside the sandbox (the private /tmp of the bubblewrap
-    backend), which the host cannot look at for rule 4. `unrefused`: operations the backend
-    lets through whatever the path (Landlock has no right for chmod, chown, utimes or xattrs),
-    so they are no refused attempts and are not judged.
+    Landlock-only backend passes the paths its rules grant, its private /tmp included).
+    `inside_only`: writable paths that exist only inside the sandbox (the private /tmp of the
+    bubblewrap backend), which the host cannot look at for rule 4. `unrefused`: operations
+    the backend lets through whatever the path (Landlock has no right for chmod, chown,
+    utimes or xattrs), so they are no refused attempts and are not judged.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Boundary:
         self._plan = plan
         self._policy = policy
         self._local = f"{policy.host.project_settings_dir}/settings.local.json"
+        self._planned_writable = _Prefixes.of(plan.writable)
         writable = tuple(plan.writable if writable is None else writable)
         hidden = [d.path for d in plan.denied if d.access == "read"]
         denied_write = [d.path for d in plan.denied] + [r.value for r in _deny_write(policy)]
@@ -152,6 +157,9 @@ class Boundary:
             return Verdict(real, f"read-only by {rule.origin}", _fix(rule, "denyWrite"))
         if self._writable.holds(real):
             return None
+        if self._planned_writable.holds(real):
+            # Writable by the policy, not by Landlock's expanded grants (Landlock-only backend).
+            return Verdict(real, FROZEN, FROZEN_FIX)
         parent = os.path.dirname(real)
         fix = f'add "filesystem": {{"allowWrite": ["{parent}"]}} to {self._local}'
         return Verdict(real, "outside the writable paths", fix)
