@@ -177,7 +177,7 @@ def test_the_recorded_pid_is_the_host_pid_of_the_process_that_tried(layout: Layo
     assert not os.path.exists(f"{layout.outside}/loot")
 
 
-# --- through `corral run`: the default watches writes, breadcrumbs name the reads -------------
+# --- through `corral run`: with "writes", the breadcrumbs still name the reads ---------------
 
 
 def corral_json(layout: Layout, *args: str) -> list[dict[str, object]]:
@@ -188,8 +188,7 @@ def corral_json(layout: Layout, *args: str) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("opens", ["writes", "all"])
 def test_corral_run_counts_each_attempt_once(layout: Layout, opens: str) -> None:
-    if opens != "writes":  # the default needs no setting
-        write_settings(layout, {"monitor": {"violations": opens}})
+    write_settings(layout, {"monitor": {"violations": opens}})
     script = f"echo loot > {layout.outside}/loot; echo x >> ~/.bashrc; cat ~/.ssh/id_rsa; exit 0"
     done = run_cli(layout, "--", "bash", "-c", script)
     assert done.returncode == 0, done.stderr
@@ -352,6 +351,9 @@ def test_an_unprivileged_users_refused_write_is_recorded(
     user_layout: Layout,  # noqa: F811
     sandboxed: bool,
 ) -> None:
+    settings = write_settings(user_layout, {"monitor": {"violations": "writes"}})
+    os.chown(os.path.dirname(settings), user.uid, user.gid)
+    os.chown(settings, user.uid, user.gid)
     script = f"echo loot > {user_layout.outside}/loot"
     result = run_as(user, user_layout, script, sandboxed=sandboxed)
     assert f"{STARTED}{user.uid}\n" in result.stdout, result
@@ -366,6 +368,24 @@ def test_an_unprivileged_users_refused_write_is_recorded(
     )  # fmt: skip
     [row] = [json.loads(line) for line in listed.stdout.splitlines()]
     assert (row["target"], row["operation"], row["executable"]) == (
-        f"{user_layout.outside}/loot", "write", BASH
-    )  # fmt: skip
+        f"{user_layout.outside}/loot",
+        "write",
+        BASH,
+    )  # fmt: skip: with the monitor off, a breadcrumb would say "" here
     assert isinstance(row["pid"], int) and row["pid"] > 0
+
+
+class BrokenSink(MemorySink):
+    """A sink whose every write fails, like a full disk under the audit spool."""
+
+    def emit(self, event: Event) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_sink_never_leaves_a_call_waiting(layout: Layout) -> None:
+    box = monitored(layout, "writes", BrokenSink())
+    script = f"echo loot > {layout.outside}/loot; echo done"
+    result = box.run(["bash", "-c", script], env=layout.env, capture_output=True, timeout=60)
+    # The call was answered (the script went on) and refused as ever.
+    assert (result.timed_out, result.stdout) == (False, b"done\n"), result
+    assert not os.path.exists(f"{layout.outside}/loot")

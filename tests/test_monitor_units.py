@@ -22,6 +22,7 @@ from corral.monitor.boundary import Intent
 from corral.monitor.process import PAGE, ProcessReader
 from corral.monitor.supervisor import Access, decode
 from corral.policy.model import IgnoreRule, Mode, Origin
+from corral.sandbox import Sandbox
 from tests.conftest import Layout
 
 BY_NAME = {call.name: call for call in WATCHED}
@@ -288,3 +289,12 @@ def test_ignore_rules_match_the_real_executable(
 def test_when_the_monitor_cannot_run(kernel: str, setuid: bool, problem: str | None) -> None:
     found = monitor_unavailable(kernel, bwrap_setuid=setuid)
     assert found is None if problem is None else problem in str(found)
+
+
+def test_the_monitor_is_off_unless_asked_for(layout: Layout) -> None:
+    # Each watched call costs a round trip through corral (docs/monitoring.md, "Costs").
+    policy = layout.sandbox().policy
+    assert policy.monitor_violations == "off"
+    assert Sandbox(policy).monitoring == "off"
+    assert Sandbox(policy, monitor="writes").monitoring == "writes"
+    assert Sandbox(policy._replace(monitor_violations="all")).monitoring == "all"

@@ -7,11 +7,13 @@ terminal already delivers Ctrl-C and Ctrl-\\ to the command itself, so corral ig
 and forwards only SIGTERM and SIGHUP.
 
 Refused attempts come from two sources, one per kind (corral.audit.violations, rule 4):
-- the violation monitor (corral.monitor, on unless monitor.violations is "off") records each
-  refused write, and with "all" each open of a hidden path too, with its pid and executable;
+- the violation monitor (corral.monitor; off by default, monitor.violations "writes" or "all")
+  records each refused write, and with "all" each open of a hidden path too, with its pid and
+  executable;
 - breadcrumbs: when stderr is not a terminal (an agent reading a pipe), corral relays the
   command's stderr through itself and records each denial it names that the monitor does not
-  cover (with the default "writes": reads of hidden paths). With "all" there is no relay.
+  cover (everything with the monitor off, reads of hidden paths with "writes"). With "all"
+  there is no relay.
 At exit (unless --quiet) it prints one line per refused attempt, file or network, that
 ignoreViolations does not cover.
 """

@@ -124,6 +124,8 @@ class Sandbox:
         self.monitored_calls = 0
         """System calls the violation monitor was notified of, over this Sandbox's finished
         commands (for the benchmark and tests: the monitor's cost is per call)."""
+        self.monitor_held_seconds = 0.0
+        """How long the monitor held those calls before letting them go on, all together."""
 
     @property
     def backend(self) -> str:
@@ -214,6 +216,7 @@ class Sandbox:
     def _stop_monitor(self, monitor: Monitor) -> None:
         monitor.stop()
         self.monitored_calls += monitor.notifications
+        self.monitor_held_seconds += monitor.held
 
     @classmethod
     def from_settings(

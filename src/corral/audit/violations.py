@@ -21,8 +21,8 @@ target is the host the proxy refused). Rules:
    breadcrumbs come from cannot say which process it was, so only the command matches there.
 4. One source per kind of attempt and run, so an attempt is never counted twice: when the
    monitor watches a run's writes (`attach_monitor`), its write breadcrumbs are dropped, and
-   when it watches every open ("all"), its read breadcrumbs too. With the default "writes",
-   a denied read is still found in the error output, without pid or executable.
+   when it watches every open ("all"), its read breadcrumbs too. With "writes", a denied read
+   is still found in the error output, without pid or executable.
 
 Imported on the launch path by `corral run`: os and threading only at module level; fnmatch
 (which pulls in `re`, ~10 ms) only once there is an attempt and a rule to match it against.

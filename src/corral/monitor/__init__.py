@@ -199,6 +199,11 @@ class Monitor:
         """How many calls were notified (for tests and the benchmark)."""
         return self._supervisor.notifications
 
+    @property
+    def held(self) -> float:
+        """Seconds the supervisor held the notified calls, all together."""
+        return self._supervisor.held
+
     def stop(self, timeout: float = STOP_SECONDS) -> bool:
         """Let the launcher thread go, then wait until no process is left under the filter,
         at most `timeout` seconds: after that every attempt has been reported. False if a

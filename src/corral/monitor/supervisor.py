@@ -40,6 +40,7 @@ import select
 import struct
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
+from time import perf_counter
 from typing import NamedTuple
 
 from corral.audit.violations import Attempt
@@ -69,6 +70,7 @@ NOTIF = struct.Struct("=QIIiIQ6Q")
 RESPONSE = struct.Struct("=QqiI")  # struct seccomp_notif_resp: id, val, error, flags
 ID = struct.Struct("=Q")
 CREATE_EXCLUSIVE = O_CREAT | O_EXCL
+MAX_ERRORS = 10
 MAX_REPORTS = 1000
 """Distinct attempts reported per sandbox; past that they are counted in `dropped` only."""
 
@@ -166,6 +168,12 @@ class Supervisor:
         self.dropped = 0
         """Attempts not reported: repeats, and distinct ones past MAX_REPORTS."""
         self.notifications = 0
+        self.errors: list[Exception] = []
+        """What went wrong while judging (a failing sink...): kept, never raised on the
+        thread, where it would leave the sandbox's calls unanswered. At most MAX_ERRORS."""
+        self.held = 0.0
+        """Seconds the supervisor held calls, from receiving each to answering it: what it
+        cost the sandbox beyond the kernel's round trip (the benchmark reports it)."""
         self._thread = threading.Thread(target=self._run, name="corral-monitor", daemon=True)
 
     def start(self) -> None:
@@ -213,11 +221,41 @@ class Supervisor:
                 if any(not events & select.POLLIN for _, events in poller.poll(0)):
                     return
                 continue
+            received = perf_counter()
             self.notifications += 1
-            self._handle(NOTIF.unpack_from(buffer))
+            self._handle(NOTIF.unpack_from(buffer), received)
 
-    def _handle(self, notif: tuple[int, ...]) -> None:
-        notif_id, pid, nr, args = notif[0], notif[1], notif[3], notif[6:]
+    def _handle(self, notif: tuple[int, ...], received: float) -> None:
+        """Judge one notification and answer it. The answer is sent whatever happens while
+        judging: a call left without one would wait forever."""
+        notif_id, pid = notif[0], notif[1]
+        later: list[Access] = []
+        try:
+            later = self._judge(notif_id, pid, notif[3], notif[6:])
+        except Exception as exc:  # a reporting sink that failed, a bug: never block the call
+            self._keep(exc)
+        finally:
+            try:
+                response = RESPONSE.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+                self.held += perf_counter() - received
+                fcntl.ioctl(self._listener, NOTIF_SEND, response)
+            except OSError:
+                pass  # ENOENT: the process was killed meanwhile; nothing waits for the answer
+        try:
+            for access in later:
+                if self._boundary.may_be_planted_link(access.path):
+                    for attempt in self._attempt(pid, access):  # its executable may be gone
+                        self._report(attempt)
+        except Exception as exc:
+            self._keep(exc)
+
+    def _keep(self, error: Exception) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(error)
+
+    def _judge(self, notif_id: int, pid: int, nr: int, args: Sequence[int]) -> list[Access]:
+        """Confirm and report the suspects of one call while it waits; return the accesses
+        whose link test runs after the answer."""
         call = self._calls.get(nr)
         accesses: list[Access] = []
         if call is not None and call.operation == "chdir":
@@ -238,20 +276,12 @@ class Supervisor:
             try:
                 fcntl.ioctl(self._listener, NOTIF_ID_VALID, ID.pack(notif_id))
             except OSError:
-                found = []  # the process is gone: what was read may be another's
+                return later  # the process is gone: what was read may be another's
             # Reported before the answer: once the call returns, its record exists (rare, so
             # the wait is no cost worth saving).
             for attempt in found:
                 self._report(attempt)
-        try:
-            response = RESPONSE.pack(notif_id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
-            fcntl.ioctl(self._listener, NOTIF_SEND, response)
-        except OSError:
-            pass  # ENOENT: the process was killed meanwhile; nothing waits for the answer
-        for access in later:
-            if self._boundary.may_be_planted_link(access.path):
-                for attempt in self._attempt(pid, access):  # its executable may be gone
-                    self._report(attempt)
+        return later
 
     def _attempt(self, pid: int, access: Access) -> list[Attempt]:
         """The attempt a suspect access is, confirmed on the real path; [] when it is none,

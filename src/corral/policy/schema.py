@@ -159,11 +159,11 @@ SETTINGS_SCHEMA: dict[str, object] = {
         "monitor": _section(
             {
                 "violations": {
-                    "enum": ["writes", "all", "off"],
+                    "enum": ["off", "writes", "all"],
                     "description": "Record each file access the sandbox refuses, with the"
-                    " process and the setting that would allow it: writes (attempts to write;"
-                    " the default), all (opens of hidden paths too; costs more on file-heavy"
-                    " work), off.",
+                    " process and the setting that would allow it: off (the default; the error"
+                    " output's breadcrumbs only), writes (attempts to write), all (opens of"
+                    " hidden paths too). Costs time on file-heavy work: docs/monitoring.md.",
                 },
             },
             "What corral watches inside the sandbox; watching never changes what is allowed.",
