@@ -22,19 +22,15 @@ from typing import IO
 import pytest
 
 from corral.audit.events import Event, MemorySink
-from corral.audit.ingest import ingest_spool
-from corral.audit.query import AuditReader
 from corral.audit.rows import NetworkRow, ViolationRow
-from corral.audit.spool import SpoolSink
-from corral.audit.store import AuditLog
 from corral.audit.violations import RunViolations
-from corral.breadcrumbs import breadcrumbs_for_line
-from corral.policy.model import IgnoreRule, MonitorViolations, Origin, Policy
+from corral.policy.model import IgnoreRule, MonitorViolations, Origin
 from corral.process import SandboxProcess
 from corral.sandbox import Sandbox
 from tests.conftest import SECRET, Layout
 from tests.helpers_cli import CORRAL, run_cli, write_settings
-from tests.test_network_support import Servers, filtered_policy, loopback_servers, resolve
+from tests.test_audit_violations import run_recorded
+from tests.test_network_support import Servers, filtered_policy, loopback_servers
 from tests.test_unprivileged import STARTED, User, run_as, user, user_layout  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("sandbox_available")
@@ -48,10 +44,9 @@ def found_on_path(name: str) -> str:
 
 
 BASH, CAT, PYTHON3 = (found_on_path(name) for name in ("bash", "cat", "python3"))
+
+
 # The three attempts of the issue; exits 0 so that only the records tell what happened.
-SCRIPT = "echo loot > {outside}/loot; cat ~/.ssh/id_rsa; curl -sS -m 20 {url}; exit 0"
-
-
 def violations_of(events: list[Event]) -> list[dict[str, object]]:
     return [e.fields for e in events if e.kind == "violation"]
 
@@ -104,35 +99,12 @@ def servers() -> Iterator[Servers]:
         yield pair
 
 
-def run_three(layout: Layout, policy: Policy, servers: Servers, tmp: Path) -> tuple[str, bytes]:
-    """The script through the API, recorded as `corral run` records it (a spool behind
-    RunViolations, and every breadcrumb of its error output offered as well); then the
-    spool into a log."""
-    url = f"https://denied.test:{servers.denied.port}/"
-    argv = ["bash", "-c", SCRIPT.format(outside=layout.outside, url=url)]
-    spool = SpoolSink(str(tmp / "spool"), "run")
-    violations = RunViolations(spool, policy, argv)
-    with Sandbox(policy, sink=violations, resolver=resolve) as sandbox:
-        proc = sandbox.spawn(argv, env=layout.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = proc.communicate(timeout=60)
-        assert out is not None and err is not None
-        for line in err.decode(errors="replace").splitlines():
-            crumbs = breadcrumbs_for_line(line, cwd=layout.workspace, plan=proc.plan, policy=policy)
-            violations.record_breadcrumbs(proc.sandbox_id, crumbs)
-    spool.close()
-    with AuditLog(str(tmp / "audit.db")) as log:
-        ingest_spool(str(tmp / "spool"), log)
-    return proc.sandbox_id, out + err
-
-
 def test_three_attempts_are_recorded_with_their_processes(
     layout: Layout, servers: Servers, tmp_path: Path
 ) -> None:
     policy = filtered_policy(layout)._replace(monitor_violations="all")
     before = servers.denied.connections
-    sandbox_id, output = run_three(layout, policy, servers, tmp_path)
-    with AuditReader(str(tmp_path / "audit.db")) as reader:
-        rows = reader.blocked()
+    sandbox_id, _, rows, output = run_recorded(layout, policy, servers, tmp_path)
     files = {row.operation: row for row in rows if isinstance(row, ViolationRow)}
     network = [row for row in rows if isinstance(row, NetworkRow)]
     # Exactly three: the error output named the same two files, and those breadcrumbs are

@@ -255,19 +255,9 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m corral.bridge.mcp_server ...`, the same as `corral mcp ...`."""
-    parser = argparse.ArgumentParser(prog="corral")
-    add_mcp_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["mcp", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        result: int = args.handler(args)
-    except CorralError as exc:
-        print(f"corral: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"corral: hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return result
+    from corral.cli import main as corral_main
+
+    return corral_main(["mcp", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

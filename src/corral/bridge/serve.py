@@ -375,19 +375,9 @@ def _spool_thread(spool: SpoolServer | None) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m corral.bridge.serve ...`, the same as `corral serve ...`."""
-    parser = argparse.ArgumentParser(prog="corral")
-    add_serve_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        result: int = args.handler(args)
-    except CorralError as exc:
-        print(f"corral: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"corral: hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return result
+    from corral.cli import main as corral_main
+
+    return corral_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
