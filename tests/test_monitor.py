@@ -361,3 +361,20 @@ def test_a_failing_sink_never_leaves_a_call_waiting(layout: Layout) -> None:
     # The call was answered (the script went on) and refused as ever.
     assert (result.timed_out, result.stdout) == (False, b"done\n"), result
     assert not os.path.exists(f"{layout.outside}/loot")
+
+
+@pytest.mark.parametrize(("setting", "flag"), [("off", "writes"), ("writes", "off")])
+def test_the_run_flag_chooses_the_monitor_over_the_settings(
+    layout: Layout, setting: str, flag: str
+) -> None:
+    write_settings(layout, {"monitor": {"violations": setting}})
+    script = f"echo loot > {layout.outside}/loot; exit 0"
+    done = run_cli(layout, "--monitor", flag, "--", "bash", "-c", script)
+    assert done.returncode == 0, done.stderr
+    [row] = corral_json(layout, "violations", "--json")
+    assert row["target"] == f"{layout.outside}/loot"
+    # The monitor names the process; the error output (the breadcrumbs) cannot.
+    assert (row["executable"], bool(row["pid"])) == (
+        (BASH, True) if flag == "writes" else ("", False)
+    )
+    assert not os.path.exists(f"{layout.outside}/loot")

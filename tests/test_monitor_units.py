@@ -21,7 +21,7 @@ from corral.monitor import METADATA_OPERATIONS, Boundary, monitor_unavailable
 from corral.monitor.boundary import Intent
 from corral.monitor.process import PAGE, ProcessReader
 from corral.monitor.supervisor import Access, decode
-from corral.policy.model import IgnoreRule, Mode, Origin
+from corral.policy.model import IgnoreRule, Mode, MonitorViolations, Origin
 from corral.sandbox import Sandbox
 from tests.conftest import Layout
 
@@ -298,3 +298,41 @@ def test_the_monitor_is_off_unless_asked_for(layout: Layout) -> None:
     assert Sandbox(policy).monitoring == "off"
     assert Sandbox(policy, monitor="writes").monitoring == "writes"
     assert Sandbox(policy._replace(monitor_violations="all")).monitoring == "all"
+
+
+# --- `corral run --monitor`: wins over the user's and project's settings, not the managed ones
+
+MANAGED = "/etc/corral/managed-settings.json"
+
+
+@pytest.mark.parametrize(
+    ("set_by", "setting", "asked", "expected", "noted"),
+    [
+        (None, "off", None, None, False),  # no flag: the Sandbox follows the policy
+        (None, "off", "writes", "writes", False),
+        ("/home/me/.config/corral/settings.json", "all", "off", "off", False),
+        (MANAGED, "all", "off", None, True),  # the administrator's "all" stands
+        (MANAGED, "writes", "writes", None, False),  # the same: nothing to say
+    ],
+)
+def test_the_monitor_flag_and_the_managed_settings(
+    layout: Layout,
+    set_by: str | None,
+    setting: MonitorViolations,
+    asked: MonitorViolations | None,
+    expected: MonitorViolations | None,
+    noted: bool,
+) -> None:
+    from corral.cli import monitor_for_run
+    from corral.policy.settings import MANAGED_SETTINGS
+
+    assert MANAGED == MANAGED_SETTINGS
+    policy = layout.sandbox().policy._replace(monitor_violations=setting)
+    if set_by is not None:
+        origin = Origin(set_by, "monitor.violations")
+        policy = policy._replace(origins=(*policy.origins, ("monitor.violations", origin)))
+    notes: list[str] = []
+    assert monitor_for_run(policy, asked, note=notes.append) == expected
+    assert bool(notes) == noted, notes
+    if noted:
+        assert notes == [f"--monitor off ignored: {MANAGED} (monitor.violations) sets 'all'"]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from corral.errors import CorralError, UnsandboxedRefused
-from corral.policy.model import MODES, Policy
+from corral.policy.model import MODES, MonitorViolations, Policy
 
 if TYPE_CHECKING:
     from corral.probe import MachineFacts
@@ -55,6 +55,12 @@ def _add_run(commands: Subparsers) -> None:
     )
     run.add_argument("--quiet", action="store_true", help="no notes from corral on stderr")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill the sandbox after this")
+    run.add_argument(
+        "--monitor",
+        choices=("off", "writes", "all"),
+        help="record refused file accesses with their process: off, writes, or all (reads of "
+        "hidden paths too); default: the settings' monitor.violations. docs/monitoring.md",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
 
@@ -182,7 +188,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from corral.run import run_in_terminal
 
-    return run_in_terminal(policy, argv, timeout=args.timeout, quiet=args.quiet)
+    monitor = monitor_for_run(policy, args.monitor, note=lambda text: _note(args, text))
+    return run_in_terminal(policy, argv, timeout=args.timeout, quiet=args.quiet, monitor=monitor)
+
+
+def monitor_for_run(
+    policy: Policy, asked: MonitorViolations | None, *, note: Callable[[str], None]
+) -> MonitorViolations | None:
+    """`--monitor` wins over the user's and the project's settings, as `--mode` does, but not
+    over the managed file: an administrator who asks for the records gets them."""
+    from corral.policy.settings import MANAGED_SETTINGS
+
+    origin = policy.origin_of("monitor.violations")
+    if asked is None or origin is None or origin.source != MANAGED_SETTINGS:
+        return asked
+    if asked != policy.monitor_violations:
+        note(f"--monitor {asked} ignored: {origin} sets {policy.monitor_violations!r}")
+    return None
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
