@@ -75,8 +75,8 @@ def test_absent_file_reads_as_none(files: Files) -> None:
 
 # (file text, the whole message with the file written as {f})
 UNKNOWN = (
-    "expected one of: $schema, allowUnsandboxedCommands, backend, bridge, env, excludedCommands,"
-    " filesystem"
+    "expected one of: $schema, allowUnsandboxedCommands, audit, backend, bridge, env,"
+    " excludedCommands, filesystem"
 )
 BROKEN = [
     (

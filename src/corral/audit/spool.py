@@ -8,7 +8,9 @@ it (audit/ingest.py).
 Rules:
 1. Each writer appends to `<directory>/<name>.jsonl` (mode 0600, directory 0700). The spool
    lives in corral's state directory, read-only inside every sandbox: the sandboxed command
-   can neither forge records nor erase them.
+   can neither forge records nor erase them. A project with its own `audit.database` has its
+   spool beside that file (`audit_locations`), which the settings keep out of every writable
+   path (policy/audit.py).
 2. An event is one write(2) of one whole line to an O_APPEND descriptor: once `emit` returns,
    the line is in the kernel and survives the writer being killed. (Like the log's
    synchronous=NORMAL: a power loss may lose the last lines; nothing else does.)
@@ -42,8 +44,10 @@ from typing import TYPE_CHECKING
 from corral.errors import CorralError
 
 if TYPE_CHECKING:
-    from corral.audit.events import Event
-    from corral.policy.model import HostPaths
+    from collections.abc import Callable
+
+    from corral.audit.events import Event, Sink
+    from corral.policy.model import HostPaths, Policy
 
 FORMAT_VERSION = 1
 SUFFIX = ".jsonl"
@@ -55,6 +59,39 @@ OPEN_ATTEMPTS = 3
 def spool_directory(host: HostPaths) -> str:
     """<state dir>/spool: beside the audit log, and read-only inside every sandbox."""
     return f"{host.state_dir}/spool"
+
+
+def default_audit_path(host: HostPaths) -> str:
+    """$XDG_STATE_HOME/corral/audit.db: the log when the settings name no audit.database."""
+    return f"{host.state_dir}/audit.db"
+
+
+def audit_locations(policy: Policy) -> tuple[str, str]:
+    """(the SQLite log, its spool directory) for `policy`; every writer and reader asks here.
+
+    The default log with <state dir>/spool, or a configured `audit.database` D with its own
+    spool beside it (D + ".spool"), so that `corral log` in one project never ingests what
+    another project's runs spooled. (`corral log` lets $CORRAL_AUDIT_DB replace the log.)
+    """
+    database, spool = policy.audit.database, policy.audit.spool_directory
+    if database is None or spool is None:
+        return default_audit_path(policy.host), spool_directory(policy.host)
+    return database, spool
+
+
+def open_audit_sink(
+    policy: Policy, name: str, *, warn: Callable[[str], None] | None = None
+) -> Sink:
+    """What a producer writes to: a SpoolSink (file `name`) in the spool of `policy`'s log,
+    then the forwarders its `audit.syslog` / `audit.otlp` name, at best effort (sinks.py;
+    `warn` hears of their trouble, default a line on stderr). Raises CorralError when the
+    spool cannot be opened."""
+    spool = SpoolSink(audit_locations(policy)[1], name)
+    if policy.audit.syslog is None and policy.audit.otlp is None:
+        return spool
+    from corral.audit.sinks import forward  # logging or urllib: only when asked for
+
+    return forward(spool, policy.audit, warn=warn)
 
 
 class SpoolSink:

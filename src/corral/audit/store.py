@@ -36,8 +36,8 @@ from corral.audit import migrations
 from corral.audit.db import Durability, audit_error, connect
 from corral.audit.encode import Insert, Params, Row, row_of
 from corral.audit.events import Event
+from corral.audit.spool import default_audit_path as default_audit_path  # its old home
 from corral.errors import CorralError
-from corral.policy.model import HostPaths
 
 # Rows per transaction: large enough that the commit (a WAL append) is noise next to the
 # inserts, small enough that one batch holds the write lock for milliseconds, so writers in
@@ -55,11 +55,6 @@ MAX_QUEUED_EVENTS: Final = 100_000
 WRITE_ATTEMPTS: Final = 3
 # How often a waiting flush() checks that the writer thread is still alive.
 FLUSH_LIVENESS_CHECK_S: Final = 1.0
-
-
-def default_audit_path(host: HostPaths) -> str:
-    """$XDG_STATE_HOME/corral/audit.db; a per-project log is the caller's choice of path."""
-    return f"{host.state_dir}/audit.db"
 
 
 class _Flush:

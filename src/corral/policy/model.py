@@ -175,6 +175,47 @@ MonitorViolations = Literal["all", "writes", "off"]
 MONITOR_VIOLATIONS: tuple[MonitorViolations, ...] = ("all", "writes", "off")
 
 
+# Where audit records may be sent besides the SQLite log (corral.audit.sinks opens them).
+SyslogFacility = Literal[
+    "user", "auth", "daemon", "local0", "local1", "local2", "local3", "local4", "local5",
+    "local6", "local7",
+]  # fmt: skip
+SYSLOG_FACILITIES: tuple[SyslogFacility, ...] = (
+    "user", "auth", "daemon", "local0", "local1", "local2", "local3", "local4", "local5",
+    "local6", "local7",
+)  # fmt: skip
+# Beside a configured database D, its spool is D + this: `corral log` in one project then
+# ingests only what that project's runs spooled.
+AUDIT_SPOOL_SUFFIX = ".spool"
+
+
+class SyslogTarget(NamedTuple):
+    address: str
+    """An absolute path: a unix socket such as /dev/log; or host:port over UDP ([::1]:514)."""
+    facility: SyslogFacility = "user"
+
+
+class OtlpTarget(NamedTuple):
+    endpoint: str
+    """An OTLP/HTTP collector's base URL, http(s)://host:port[/path]."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Sent with every request (a collector's token): `policy show` lists the names only."""
+
+
+class AuditSettings(NamedTuple):
+    """The `audit` section: where this project's log lives and where records are forwarded."""
+
+    database: str | None = None
+    """The SQLite log (absolute, normalised); None: <state dir>/audit.db."""
+    syslog: SyslogTarget | None = None
+    otlp: OtlpTarget | None = None
+
+    @property
+    def spool_directory(self) -> str | None:
+        """The spool beside a configured database; None for the default log's."""
+        return None if self.database is None else self.database + AUDIT_SPOOL_SUFFIX
+
+
 class Policy(NamedTuple):
     mode: Mode
     host: HostPaths
@@ -193,6 +234,8 @@ class Policy(NamedTuple):
     """Which filesystem calls the violation monitor watches for attempts the sandbox refuses."""
     limits: Limits = Limits()
     """Resource limits; the presets set them (see presets.py), settings may change them."""
+    audit: AuditSettings = AuditSettings()
+    """The audit log's place and its forwarding sinks (settings only; see policy/audit.py)."""
 
     @property
     def workspace(self) -> str:

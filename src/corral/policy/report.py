@@ -89,6 +89,27 @@ def policy_as_json(policy: Policy) -> dict[str, object]:
             "value": policy.package_cache,
             "origin": str(Origin(BUILT_IN, "package caches")),
         },
+        "monitor": {
+            "violations": _scalar(policy, "monitor.violations", policy.monitor_violations),
+        },
+        "audit": _audit(policy),
+    }
+
+
+def _audit(policy: Policy) -> dict[str, object]:
+    audit = policy.audit
+    database = audit.database or f"{policy.host.state_dir}/audit.db"  # audit/spool.py's default
+    syslog = audit.syslog and {"address": audit.syslog.address, "facility": audit.syslog.facility}
+    # Header values are left out: they are usually a collector's token, and this output is
+    # what people paste into bug reports.
+    otlp = audit.otlp and {
+        "endpoint": audit.otlp.endpoint,
+        "headers": [name for name, _value in audit.otlp.headers],
+    }
+    return {
+        "database": _scalar(policy, "audit.database", database),
+        "syslog": _scalar(policy, "audit.syslog", syslog),
+        "otlp": _scalar(policy, "audit.otlp", otlp),
     }
 
 
@@ -97,6 +118,10 @@ def _show(value: object) -> str:
         return "-"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):  # a setting that is an object, such as audit.syslog
+        return " ".join(f"{key}={_show(item)}" for key, item in value.items() if item)
+    if isinstance(value, list):
+        return ",".join(map(_show, value))
     return str(value)
 
 

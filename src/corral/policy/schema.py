@@ -12,7 +12,8 @@ The tests check that `jsonschema` and this validator agree. Two liberties keep i
   knows the meaning of the one pattern the schema uses, and refuses any other.
 - `anyOf` branches must have distinct `type`s; the branch whose type fits the value is
   checked, so its error is the one reported ("expected a string", not "matched no branch").
-Beyond the schema, domain entries must parse with `domains.parse_pattern`.
+Beyond the schema, domain entries must parse with `domains.parse_pattern`, and the `audit`
+section's addresses, endpoint and headers must pass `audit.check_audit_section`.
 """
 
 from __future__ import annotations
@@ -132,6 +133,45 @@ _LIMITS = _section(
     "Resource limits. The managed file's limits can only be tightened by other files.",
 )
 
+_AUDIT = _section(
+    {
+        "database": {
+            **_TEXT,
+            "description": "This project's SQLite audit log (absolute or ~/; user, local or"
+            " managed file only). Default: $XDG_STATE_HOME/corral/audit.db.",
+        },
+        "syslog": {
+            "type": "object",
+            "description": "Also send every event to syslog (user or managed file only).",
+            "properties": {
+                "address": {
+                    **_TEXT,
+                    "description": "/dev/log (a unix socket path) or host:port (UDP)",
+                },
+                "facility": {"enum": ["user", "auth", "daemon", *(f"local{n}" for n in range(8))]},
+            },
+            "required": ["address"],
+            "additionalProperties": False,
+        },
+        "otlp": {
+            "type": "object",
+            "description": "Also send every event to an OpenTelemetry collector's OTLP/HTTP"
+            " logs receiver (user or managed file only).",
+            "properties": {
+                "endpoint": {**_TEXT, "description": "http(s)://host:port[/path]"},
+                "headers": {
+                    "type": "object",
+                    "additionalProperties": _TEXT,
+                    "description": "HTTP headers sent with every request (a collector token).",
+                },
+            },
+            "required": ["endpoint"],
+            "additionalProperties": False,
+        },
+    },
+    "Where the audit log lives and where its records are forwarded (docs/audit.md).",
+)
+
 SETTINGS_SCHEMA: dict[str, object] = {
     "$schema": SCHEMA_DIALECT,
     "title": "corral settings",
@@ -143,6 +183,7 @@ SETTINGS_SCHEMA: dict[str, object] = {
         "network": _NETWORK,
         "env": _ENV,
         "limits": _LIMITS,
+        "audit": _AUDIT,
         "allowUnsandboxedCommands": {"type": "boolean"},
         "ignoreViolations": {
             "type": "object",
@@ -341,12 +382,24 @@ def _check_domains(data: dict[str, object]) -> None:
                 raise _Invalid(str(exc), f"network.{name}[{index}]") from None
 
 
+def _check_audit(data: dict[str, object]) -> None:
+    if "audit" not in data:
+        return
+    from corral.policy.audit import InvalidAuditSetting, check_audit_section
+
+    try:
+        check_audit_section(data["audit"])
+    except InvalidAuditSetting as exc:
+        raise _Invalid(exc.reason, exc.key) from None
+
+
 def validate(data: object, *, file: str) -> None:
     """Raise SettingsError naming `file`, the key path, what was expected and what was found."""
     try:
         _check(data, SETTINGS_SCHEMA, _Where(""))
         assert isinstance(data, dict)
         _check_domains(data)
+        _check_audit(data)
     except _Invalid as invalid:
         raise SettingsError(invalid.reason, file=file, key=invalid.key) from None
 

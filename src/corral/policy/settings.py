@@ -30,6 +30,7 @@ Merge rules:
 9. Limits (`limits.*`) are scalars too, later file wins over the preset, but the managed file
    can only be tightened: a lower file's value stands only where it is below the managed one.
    (The managed file itself may loosen a preset's limit; it is the administrator's.)
+10. `audit.*` has rules of its own (who may set which key, where the log may be): audit.py.
 """
 
 from __future__ import annotations
@@ -412,10 +413,32 @@ def load_policy(
     limits, limit_origins = _merge_limits(base.limits, layers)
     policy = _build(base, lists, changes)
     origins = (*base.origins, *mode_origins, *scalar_origins, *_port_origins(lists))
-    return policy._replace(
+    policy = policy._replace(
         origins=(*origins, *limit_origins),
         limits=limits,
         ignore_violations=_ignore_rules(layers),
+    )
+    audited = any("audit" in layer.data for layer in layers)
+    return _with_audit(policy, layers) if audited else policy
+
+
+def _with_audit(policy: Policy, layers: Sequence[_Layer]) -> Policy:
+    """Rule 10. Imported only when a file has an `audit` section: most runs have none."""
+    from corral.policy.audit import (
+        check_audit_database,
+        hidden_audit_paths,
+        merge_audit,
+        refuse_misplaced_audit_keys,
+    )
+
+    for layer in layers:
+        refuse_misplaced_audit_keys(layer.source, layer.data)
+    audit, origins = merge_audit(layers, policy.host)
+    policy = policy._replace(origins=(*policy.origins, *origins), audit=audit)
+    check_audit_database(policy)
+    fs = policy.filesystem
+    return policy._replace(
+        filesystem=fs._replace(deny_read=fs.deny_read + hidden_audit_paths(policy))
     )
 
 
