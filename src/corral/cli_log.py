@@ -9,10 +9,11 @@ shows is complete, then reads the log (audit/query.py) and renders it (audit/ren
 table on a terminal, aligned plain columns in a pipe, JSON Lines with --json. With no log yet
 (nothing has run), the commands show empty results and create nothing.
 
-Where: the log is $CORRAL_AUDIT_DB when set, else <state dir>/audit.db; the spool is
-<state dir>/spool, where `corral run` writes.
-Not wired yet: a per-project log. Its path (a settings key) would be resolved in
-`audit_locations`, before the default, and `corral run` would have to spool for it apart.
+Where (`audit_locations`): the commands read the settings of the project in the current
+directory, as `corral run` there does. Its log is the `audit.database` they name (a per-project
+log, spooled to apart: D.spool beside it), else <state dir>/audit.db with <state dir>/spool;
+audit/spool.py's `audit_locations` decides for every writer and reader. $CORRAL_AUDIT_DB, when
+set, replaces the log (not the spool). docs/audit.md tells users.
 
 cli.py imports this module for every command, `corral run` included, so at module level it
 uses argparse, os and sys only; the handlers import the rest.
@@ -145,13 +146,29 @@ def cmd_violations(args: argparse.Namespace) -> int:
 
 
 def audit_locations(environ: Mapping[str, str]) -> tuple[str, str]:
-    """(the log's path, the spool directory) for this user."""
-    from corral.audit.spool import spool_directory
-    from corral.audit.store import default_audit_path
+    """(the log's path, the spool directory) for the project in the current directory."""
+    from corral.audit.spool import audit_locations as locations_of
+    from corral.errors import SettingsError
     from corral.hostpaths import host_paths
+    from corral.policy.settings import load_policy
 
     host = host_paths(os.getcwd(), environ)
-    return environ.get(AUDIT_DB_ENV) or default_audit_path(host), spool_directory(host)
+    try:
+        policy = load_policy(host)
+    except SettingsError as exc:
+        # Say why a log command reads settings at all: the log's place is one of them.
+        raise SettingsError(
+            exc.reason,
+            file=exc.file,
+            key=exc.key,
+            line=exc.line,
+            column=exc.column,
+            hint=exc.hint
+            or "the log commands read this project's settings to find its audit log; fix "
+            "the file (or run them from another directory)",
+        ) from None
+    database, spool = locations_of(policy)
+    return environ.get(AUDIT_DB_ENV) or database, spool
 
 
 def _violations(args: argparse.Namespace) -> int:

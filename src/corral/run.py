@@ -35,7 +35,7 @@ from corral.audit.record import (
     record_session_start,
     usage_since,
 )
-from corral.audit.spool import SpoolSink, spool_directory
+from corral.audit.spool import open_audit_sink
 from corral.audit.violations import RunViolations
 from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
 from corral.policy.model import MonitorViolations, Policy
@@ -64,9 +64,10 @@ def run_in_terminal(
     if timeout is None:
         timeout = policy.limits.timeout_seconds
     # Audit records go to an append-only spool on the launch path (cheap, nothing lost when
-    # corral is killed); `corral log` moves them into the SQLite log when it reads.
-    spool = SpoolSink(spool_directory(policy.host), os.urandom(6).hex())
-    violations = RunViolations(spool, policy, argv)
+    # corral is killed); `corral log` moves them into the SQLite log when it reads. The
+    # forwarders audit.syslog / audit.otlp name get every event too, at best effort.
+    audit = open_audit_sink(policy, os.urandom(6).hex())
+    violations = RunViolations(audit, policy, argv)
     session: Session = "inherit" if os.isatty(0) else "new"  # Sandbox.spawn's own default
     ask = _ask_for_run(policy, session=session, quiet=quiet)
     sandbox = Sandbox(policy, sink=violations, ask=ask, monitor=monitor)
@@ -76,7 +77,7 @@ def run_in_terminal(
     before = children_usage()
     proc = sandbox.spawn(argv, stderr=subprocess.PIPE if watch else None, session=session)
     record_session_start(
-        spool, proc.sandbox_id, policy=policy, argv=argv, cwd=os.getcwd(), backend=sandbox.backend
+        audit, proc.sandbox_id, policy=policy, argv=argv, cwd=os.getcwd(), backend=sandbox.backend
     )
     relay = _StderrRelay(proc, policy, violations) if watch else None
 
@@ -104,8 +105,8 @@ def run_in_terminal(
     if not quiet:
         for line in violations.summary(proc.sandbox_id):
             print(line, file=sys.stderr)
-    record_session_end(spool, proc.sandbox_id, exit_code=status, resource_usage=usage_since(before))
-    spool.close()
+    record_session_end(audit, proc.sandbox_id, exit_code=status, resource_usage=usage_since(before))
+    audit.close()
     sandbox.close()
     return status
 

@@ -21,6 +21,9 @@ from corral.audit.rows import AnyRow
 from corral.errors import CorralError
 
 SyslogAddress = str | tuple[str, int]
+# A daemon that stops reading must not stall the command being audited (the violation monitor
+# records while the sandboxed call waits): a send that blocks this long is counted as failed.
+SEND_TIMEOUT_S = 1.0
 
 
 def write_jsonl(rows: Iterable[AnyRow], out: TextIO) -> int:
@@ -74,6 +77,7 @@ class SyslogSink:
         if sock is None or sock.fileno() < 0:
             self._handler.close()
             raise _unreachable(address, "nothing is listening")
+        sock.settimeout(SEND_TIMEOUT_S)
         self._handler.ident = f"corral[{os.getpid()}]: "
 
     def emit(self, event: Event) -> None:

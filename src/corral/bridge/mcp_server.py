@@ -238,13 +238,15 @@ def cmd_mcp(args: argparse.Namespace) -> int:
             f"corral mcp needs the MCP SDK ({exc.name} is missing)",
             hint="install corral[bridge]",
         ) from None
-    from corral.audit.spool import SpoolSink, spool_directory
+    from corral.audit.spool import open_audit_sink
     from corral.bridge.service import Bridge
     from corral.hostpaths import host_paths
+    from corral.policy.settings import load_policy
 
     host = host_paths(workspace, os.environ)
-    # Decisions and runs go to the audit spool, as `corral run`'s records do.
-    audit = SpoolSink(spool_directory(host), f"mcp-{os.urandom(6).hex()}")
+    # Decisions and runs go to the spool of the workspace's audit log (and to the forwarders
+    # its settings name), as `corral run`'s records do.
+    audit = open_audit_sink(load_policy(host), f"mcp-{os.urandom(6).hex()}")
     try:
         with Bridge.from_settings(workspace, state_dir=host.state_dir, audit=audit) as bridge:
             anyio.run(serve_stdio, bridge)

@@ -152,14 +152,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _bridge_for(workspace: str) -> Iterator[tuple[Bridge, str]]:
-    """The Bridge of `workspace`, auditing to corral's spool (`corral log` shows its records);
-    closed on the way out, which turns approvals still pending into denials."""
-    from corral.audit.spool import SpoolSink, spool_directory
+    """The Bridge of `workspace`, auditing to the spool of the workspace's audit log (`corral
+    log` shows its records) and to the forwarders its settings name; closed on the way out,
+    which turns approvals still pending into denials."""
+    from corral.audit.spool import open_audit_sink
     from corral.bridge.service import Bridge
     from corral.hostpaths import host_paths
+    from corral.policy.settings import load_policy
 
     host = host_paths(workspace, os.environ)
-    audit = SpoolSink(spool_directory(host), f"bridge-{os.getpid()}-{os.urandom(4).hex()}")
+    name = f"bridge-{os.getpid()}-{os.urandom(4).hex()}"
+    audit = open_audit_sink(load_policy(host), name)
     try:
         with Bridge.from_settings(workspace, state_dir=host.state_dir, audit=audit) as bridge:
             yield bridge, host.state_dir
