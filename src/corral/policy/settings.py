@@ -423,7 +423,8 @@ def load_policy(
 
 
 def _with_audit(policy: Policy, layers: Sequence[_Layer]) -> Policy:
-    """Rule 10. Imported only when a file has an `audit` section: most runs have none."""
+    """Rule 10. policy/audit.py is imported only when a file has an `audit` section, which
+    most runs do not have."""
     from corral.policy.audit import (
         check_audit_database,
         hidden_audit_paths,
