@@ -59,6 +59,7 @@ BWRAP_NO_SECCOMP = "bwrap <corral's argv, no --seccomp> -- true"
 SANDBOX_RUN = 'Sandbox.run(["true"]), all layers'
 SANDBOX_RUN_NO_LANDLOCK = 'Sandbox.run(["true"]), Landlock off'
 SANDBOX_RUN_LANDLOCK_ONLY = 'Sandbox.run(["true"]), Landlock-only backend'
+SANDBOX_RUN_MONITORED = 'Sandbox.run(["true"]), all layers + violation monitor (the default)'
 SUBPROCESS_BWRAP = "subprocess.run(<corral's bwrap argv>)"
 
 
@@ -150,9 +151,12 @@ def cli_variants(bench: BenchEnv) -> list[Variant]:
 
 
 def api_variants(bench: BenchEnv) -> list[Variant]:
-    sandbox = Sandbox(bench.policy(bench.ws_corral))
+    # The rows compared with bare bwrap run without the violation monitor, which only
+    # observes: the same layers on both sides. Its own cost is a row of its own.
+    sandbox = Sandbox(bench.policy(bench.ws_corral), monitor="off")
+    monitored = Sandbox(bench.policy(bench.ws_corral))
     # The same policy with the Landlock layer off: the machine facts say "no Landlock".
-    no_landlock = Sandbox(bench.policy(bench.ws_corral))
+    no_landlock = Sandbox(bench.policy(bench.ws_corral), monitor="off")
     no_landlock._facts = sandbox._machine()._replace(landlock_abi=0)
 
     def timed_run(box: Sandbox, what: str) -> Callable[[], int]:
@@ -164,7 +168,9 @@ def api_variants(bench: BenchEnv) -> list[Variant]:
         return launch
 
     sandbox_run = timed_run(sandbox, "Sandbox.run")
-    landlock_only = Sandbox(bench.policy(bench.ws_corral)._replace(backend="landlock"))
+    landlock_only = Sandbox(
+        bench.policy(bench.ws_corral)._replace(backend="landlock"), monitor="off"
+    )
 
     def subprocess_run() -> int:
         fd = open_program_fd(bench.seccomp)
@@ -178,6 +184,7 @@ def api_variants(bench: BenchEnv) -> list[Variant]:
 
     return [
         Variant(SANDBOX_RUN, "api", sandbox_run),
+        Variant(SANDBOX_RUN_MONITORED, "api", timed_run(monitored, "Sandbox.run")),
         Variant(SANDBOX_RUN_NO_LANDLOCK, "api", timed_run(no_landlock, "Sandbox.run")),
         Variant(SANDBOX_RUN_LANDLOCK_ONLY, "api", timed_run(landlock_only, "Sandbox.run")),
         Variant(SUBPROCESS_BWRAP, "api", subprocess_run),
@@ -204,6 +211,7 @@ def comparisons() -> list[Comparison]:
         # Issue 6: the namespace-free backend should launch faster than bare bwrap.
         Comparison(SANDBOX_RUN_LANDLOCK_ONLY, (SUBPROCESS_BWRAP,), 1.0),
         Comparison(BWRAP, (BWRAP_NO_SECCOMP,), None),  # what the seccomp layer costs bwrap
+        Comparison(SANDBOX_RUN_MONITORED, (SANDBOX_RUN,), None),  # what the monitor adds
     ]
 
 

@@ -315,6 +315,6 @@ def test_policy_show_defaults(files: Files) -> None:
         "syslog": {"value": None, "origin": "built-in"},
         "otlp": {"value": None, "origin": "built-in"},
     }
-    assert data["monitor"] == {"violations": {"value": "off", "origin": "built-in"}}
+    assert data["monitor"] == {"violations": {"value": "writes", "origin": "built-in"}}
     text = format_policy(files.load())
-    assert "syslog = -" in text and "violations = off" in text
+    assert "syslog = -" in text and "violations = writes" in text

@@ -7,7 +7,7 @@ terminal already delivers Ctrl-C and Ctrl-\\ to the command itself, so corral ig
 and forwards only SIGTERM and SIGHUP.
 
 Refused attempts come from two sources, one per kind (corral.audit.violations, rule 4):
-- the violation monitor (corral.monitor; off by default, monitor.violations "writes" or "all")
+- the violation monitor (corral.monitor; monitor.violations "writes", the default, or "all")
   records each refused write, and with "all" each open of a hidden path too, with its pid and
   executable;
 - breadcrumbs: when stderr is not a terminal (an agent reading a pipe), corral relays the

@@ -167,10 +167,11 @@ LIMIT_KEYS: tuple[tuple[str, str], ...] = (
 # auto: bubblewrap where user namespaces work, else the Landlock-only backend, with a notice.
 Backend = Literal["auto", "bwrap", "landlock"]
 
-# What the violation monitor (corral.monitor) watches: every call that may write ("writes"),
-# those and every open too ("all": reads of hidden paths are seen), or nothing ("off", the
-# default: each watched call costs a round trip through corral, measured at 10-20% on
-# file-heavy work, docs/monitoring.md). It only observes; the blocks are the same either way.
+# What the violation monitor (corral.monitor) watches: every call that may write ("writes",
+# the default), those and every open too ("all": reads of hidden paths are seen), or nothing
+# ("off"). Each watched call costs a round trip through corral: about 3% on unpacking a
+# project and running its tests, 10-25% where files are created by the thousand, and "all"
+# pays for every import too (docs/monitoring.md). It only observes; the blocks are the same.
 MonitorViolations = Literal["all", "writes", "off"]
 MONITOR_VIOLATIONS: tuple[MonitorViolations, ...] = ("all", "writes", "off")
 
@@ -230,7 +231,7 @@ class Policy(NamedTuple):
     """Where each scalar setting came from, as (key path, origin) pairs."""
     backend: Backend = "auto"
     ignore_violations: tuple[IgnoreRule, ...] = ()
-    monitor_violations: MonitorViolations = "off"
+    monitor_violations: MonitorViolations = "writes"
     """Which filesystem calls the violation monitor watches for attempts the sandbox refuses."""
     limits: Limits = Limits()
     """Resource limits; the presets set them (see presets.py), settings may change them."""

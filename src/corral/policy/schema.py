@@ -202,9 +202,9 @@ SETTINGS_SCHEMA: dict[str, object] = {
                 "violations": {
                     "enum": ["off", "writes", "all"],
                     "description": "Record each file access the sandbox refuses, with the"
-                    " process and the setting that would allow it: off (the default; the error"
-                    " output's breadcrumbs only), writes (attempts to write), all (opens of"
-                    " hidden paths too). Costs time on file-heavy work: docs/monitoring.md.",
+                    " process and the setting that would allow it: writes (the default: attempts to"
+                    " write), all (opens of hidden paths too), off (the error output's"
+                    " breadcrumbs only). Costs time on file-heavy work: docs/monitoring.md.",
                 },
             },
             "What corral watches inside the sandbox; watching never changes what is allowed.",
