@@ -417,14 +417,19 @@ def test_corral_run_records_and_summarises_the_three(layout: Layout, quiet: bool
     done = run_cli(layout, *(["--quiet"] if quiet else []), "--", "bash", "-c", script)
     assert done.returncode == 0, done.stderr
     local = f"{layout.workspace}/.corral/settings.local.json"
-    expected = [
+    connection = (
         f"corral: blocked connection to other.test:443 (not in network.allowedDomains); to "
-        f'allow it add "network": {{"allowedDomains": ["other.test"]}} to {local}',
+        f'allow it add "network": {{"allowedDomains": ["other.test"]}} to {local}'
+    )
+    write = (
         f"corral: blocked write {layout.outside}/loot: outside the writable paths; add "
-        f'"filesystem": {{"allowWrite": ["{layout.outside}"]}} to {local}',
-    ]
-    # Sorted: the relay thread and the proxy report concurrently, so either may come first.
-    assert sorted(summary_lines(done.stderr)) == ([] if quiet else expected)
+        f'"filesystem": {{"allowWrite": ["{layout.outside}"]}} to {local}'
+    )
+    # The connection's line is printed as it happens, and not again at exit; --quiet: neither.
+    said = [line for line in done.stderr.decode().splitlines() if line.startswith("corral: ")]
+    assert said.count(connection) == (0 if quiet else 1), said
+    assert summary_lines(done.stderr) == ([] if quiet else [write])
+    assert len(said) == (0 if quiet else 2), said
     shown = corral(layout, "violations", "--json")
     assert sorted((r["kind"], r["target"], r["rule"]) for r in shown) == [
         ("network", "other.test:443", "default-deny"),

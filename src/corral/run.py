@@ -15,7 +15,8 @@ Refused attempts come from two sources, one per kind (corral.audit.violations, r
   cover (everything with the monitor off, reads of hidden paths with "writes"). With "all"
   there is no relay.
 At exit (unless --quiet) it prints one line per refused attempt, file or network, that
-ignoreViolations does not cover.
+ignoreViolations does not cover; a refused connection is printed as it happens instead (the
+command may be waiting on it), and not again at exit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from functools import partial
 from types import FrameType
 from typing import IO, TYPE_CHECKING
 
@@ -38,6 +40,7 @@ from corral.audit.record import (
 from corral.audit.spool import open_audit_sink
 from corral.audit.violations import RunViolations
 from corral.breadcrumbs import Breadcrumb, breadcrumbs_for_line
+from corral.network import write_to_stderr
 from corral.policy.model import MonitorViolations, Policy
 from corral.process import SandboxProcess
 from corral.sandbox import Sandbox
@@ -70,7 +73,10 @@ def run_in_terminal(
     violations = RunViolations(audit, policy, argv)
     session: Session = "inherit" if os.isatty(0) else "new"  # Sandbox.spawn's own default
     ask = _ask_for_run(policy, session=session, quiet=quiet)
-    sandbox = Sandbox(policy, sink=violations, ask=ask, monitor=monitor)
+    sandbox = Sandbox(
+        policy, sink=violations, ask=ask, monitor=monitor,
+        notify=None if quiet else partial(_say_now, violations),
+    )  # fmt: skip
     # Not tied to --quiet: what was refused is recorded either way; --quiet only says nothing.
     # With the monitor watching every open, the error output has nothing left to add.
     watch = not os.isatty(2) and sandbox.monitoring != "all"
@@ -109,6 +115,13 @@ def run_in_terminal(
     audit.close()
     sandbox.close()
     return status
+
+
+def _say_now(violations: RunViolations, line: str) -> None:
+    """A refused connection, printed as it happens (the command may be waiting on it), and
+    then left out of the summary at exit."""
+    violations.shown(line)
+    write_to_stderr(line)
 
 
 def _ask_for_run(policy: Policy, *, session: Session, quiet: bool) -> TerminalAsk | NotAsked | None:

@@ -63,9 +63,11 @@ from corral.launch import (
 from corral.network import (
     Ask,
     NetworkService,
+    Notify,
     Resolver,
     add_network_environment,
     start_network,
+    write_to_stderr,
 )
 from corral.policy.model import MonitorViolations, Policy
 from corral.policy.paths import is_within
@@ -98,12 +100,14 @@ class Sandbox:
         resolver: Resolver | None = None,
         ask: Ask | None = None,
         monitor: MonitorViolations | None = None,
+        notify: Notify | None = write_to_stderr,
     ) -> None:
         """`sink` receives audit events (sessions, network decisions, the violations the
         monitor sees); `resolver` maps a host name to addresses for the proxy (tests map test
         names to loopback servers); `ask` decides hosts in neither domain list ("once",
         "always" or "deny"); `monitor` chooses what the violation monitor watches, "all",
-        "writes" or "off" (None: as the policy's monitor.violations says)."""
+        "writes" or "off" (None: as the policy's monitor.violations says); `notify` hears one
+        line per refused connection as it happens (None: none; the sink has them all)."""
         self.policy = policy
         if sink is None:
             from corral.audit.events import MemorySink
@@ -113,6 +117,7 @@ class Sandbox:
         self._bwrap = bwrap
         self._resolver = resolver
         self._ask = ask
+        self._notify = notify
         self._facts: MachineFacts | None = None
         self._seccomp_program: bytes | None = None
         self._inner_code: bytes | None = None
@@ -136,8 +141,9 @@ class Sandbox:
         """The proxy shared by this Sandbox's commands, started on first use (None: no proxy)."""
         if not self._network_started:
             self._network = start_network(
-                self.policy, sink=self.sink, resolver=self._resolver, ask=self._ask
-            )
+                self.policy, sink=self.sink, resolver=self._resolver, ask=self._ask,
+                notify=self._notify,
+            )  # fmt: skip
             self._network_started = True
         return self._network
 

@@ -148,6 +148,8 @@ class RunViolations:
         self._settings_file = f"{policy.host.project_settings_dir}/settings.local.json"
         self._lock = threading.Lock()
         self._lines: dict[tuple[object, ...], str] = {}
+        self._shown: set[str] = set()
+        """Lines already printed while the command ran (the proxy's notices)."""
         self._monitored: dict[str, frozenset[str]] = {}
         """Per run the monitor watches: the breadcrumb accesses it covers."""
 
@@ -193,11 +195,17 @@ class RunViolations:
             key = ("file", attempt.operation, attempt.path)
             self._add(key, f"corral: blocked {escape(str(attempt))}")
 
-    def summary(self, sandbox_id: str) -> list[str]:
-        """One line per distinct attempt that was not ignored, each naming the setting that
-        would allow it where there is one; at most MAX_SUMMARY_LINES and a last line."""
+    def shown(self, line: str) -> None:
+        """`line` was printed as it happened: the summary does not say it again."""
         with self._lock:
-            lines = list(self._lines.values())
+            self._shown.add(line)
+
+    def summary(self, sandbox_id: str) -> list[str]:
+        """One line per distinct attempt that was not ignored and not `shown` yet, each naming
+        the setting that would allow it where there is one; at most MAX_SUMMARY_LINES and a
+        last line."""
+        with self._lock:
+            lines = [line for line in self._lines.values() if line not in self._shown]
         if len(lines) <= MAX_SUMMARY_LINES:
             return lines
         left = len(lines) - MAX_SUMMARY_LINES
