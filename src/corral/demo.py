@@ -3,7 +3,8 @@
 The demo builds a throwaway home directory with a fake SSH key and .bashrc (so your real ones
 are never at stake), starts a TCP server on the host's loopback, runs a script in the standard
 mode, and then checks each outcome from the host side: the files on disk and the server's log,
-not the script's exit codes.
+not the script's exit codes. Last, it shows what the violation monitor recorded (watching
+every open here, `"all"`): each refused file access with the process that tried.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import socket
 import tempfile
 
+from corral.audit.events import Event, MemorySink
 from corral.hostpaths import host_paths
 from corral.policy.presets import preset_policy
 from corral.sandbox import Sandbox
@@ -73,7 +75,8 @@ def main() -> int:
         try:
             policy = preset_policy("standard", host_paths(workspace, env))
             env.update(OUTSIDE=outside, PORT=str(server.port))
-            result = Sandbox(policy).run(
+            recorded = MemorySink()
+            result = Sandbox(policy, sink=recorded, monitor="all").run(
                 ["bash", "-c", SCRIPT], env=env, capture_output=True, timeout=30
             )
             connections = server.count()
@@ -108,7 +111,18 @@ def main() -> int:
         failed = any("[FAIL]" in line for line in lines)
         print("\nwhat the script printed inside:")
         print("".join(f"  | {line}\n" for line in output.splitlines()), end="")
+        print("\nwhat corral recorded (corral violations shows the same for corral run):")
+        print("".join(f"  {_violation(event)}\n" for event in recorded.events
+                      if event.kind == "violation"), end="")  # fmt: skip
         return 1 if failed else 0
+
+
+def _violation(event: Event) -> str:
+    fields = event.fields
+    return (
+        f"blocked {fields.get('operation')} {fields.get('path')}: {fields.get('rule')}"
+        f" (pid {fields.get('pid')}, {fields.get('executable')})"
+    )
 
 
 if __name__ == "__main__":
