@@ -42,7 +42,8 @@ from corral.policy.model import (
 from corral.policy.paths import is_within, normalize
 
 if TYPE_CHECKING:
-    from corral.policy.settings import SettingsSource, _Layer
+    from corral.policy.merge import Layer
+    from corral.policy.settings import SettingsSource
 
 # Settings key -> the kinds of settings file that may set it (rule 1).
 WHO_MAY_SET: dict[str, tuple[str, ...]] = {
@@ -172,7 +173,7 @@ def refuse_misplaced_audit_keys(source: SettingsSource, data: dict[str, object])
 
 
 def merge_audit(
-    layers: Sequence[_Layer], host: HostPaths
+    layers: Sequence[Layer], host: HostPaths
 ) -> tuple[AuditSettings, list[tuple[str, Origin]]]:
     """Rule 2: the audit settings (layers come lowest first, managed last) and their origins."""
     audit = AuditSettings()
