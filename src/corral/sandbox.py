@@ -1,6 +1,6 @@
 """The Python API: `Sandbox(policy).run(argv)` and the streaming `Sandbox(policy).spawn(argv)`.
 
-One launch, step by step (all in `Sandbox._launch`):
+One launch, step by step (`Sandbox.spawn`, then `bwrap_launch.start_in_bwrap`):
 1. gather disk facts for the policy's paths (the only disk reads of the launch),
 2. plan the mounts (pure) and render the bwrap argv (pure),
 3. create placeholder files for denied paths that do not exist yet (journalled),
@@ -14,58 +14,27 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import IO, TYPE_CHECKING, Literal, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from corral.audit.events import Sink
     from corral.monitor import Monitor, MonitorLaunch
 
-from corral.backends.bubblewrap import BwrapOptions, Session, bwrap_argv
-from corral.backends.cgroup import (
-    create_sandbox_cgroup,
-    remove_cgroup,
-    usable_cgroup_parent,
-)
+from corral.backends.bubblewrap import Session
 from corral.backends.facts import gather_disk_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
-from corral.backends.landlock import (
-    compile_ruleset,
-    handled_access_fs,
-    host_side_rules_for_plan,
-    inside_paths_for_plan,
-    memfd_with,
-    open_rules_fd,
-    rules_for_plan,
-)
-from corral.backends.landlock_exec import launcher_image
-from corral.backends.limits import (
-    apply_point,
-    launch_rlimits,
-)
-from corral.backends.placeholders import create_placeholders, remove_placeholders, sweep_stale
-from corral.backends.seccomp import SeccompOptions, build_filter, host_arch, open_program_fd
-from corral.errors import LaunchError, SandboxUnavailable, UsageError
-from corral.inner import Prepared, compiled_script, script_argv
-from corral.inner import prepare as prepare_ruleset
-from corral.launch import (
-    child_path,
-    choose_backend,
-    ensure_empty_file,
-    limit_then_release,
-    memfd_exec_allowed,
-    preexec_for,
-    resolve_command,
-    sandbox_environment,
-    terminal_shim,
-)
+from corral.backends.placeholders import sweep_stale
+from corral.backends.seccomp import SeccompOptions, build_filter, host_arch
+from corral.bwrap_launch import BwrapContext, File, LaunchRequest, start_in_bwrap
+from corral.errors import SandboxUnavailable, UsageError
+from corral.inner import compiled_script
+from corral.launch import choose_backend, ensure_empty_file, sandbox_environment
 from corral.network import (
     Ask,
     NetworkService,
     Notify,
     Resolver,
-    add_network_environment,
     start_network,
     write_to_stderr,
 )
@@ -73,8 +42,6 @@ from corral.policy.model import MonitorViolations, Policy
 from corral.policy.paths import is_within
 from corral.probe import MachineFacts, probe
 from corral.process import SandboxProcess, capture_bounded, communicate
-
-File = int | IO[bytes] | IO[str] | None
 
 
 class RunResult(NamedTuple):
@@ -261,60 +228,11 @@ class Sandbox:
             )
         return cwd
 
-    def _make_cgroup(self, facts: MachineFacts, sandbox_id: str) -> str | None:
-        """A cgroup v2 sub-tree for the sandbox where one is delegated to this user (memory,
-        pids for the whole sandbox); None otherwise, and the rlimits carry the limits."""
-        limits = self.policy.limits
-        parent = usable_cgroup_parent(facts, limits)
-        if parent is None:
-            return None
-        try:
-            return create_sandbox_cgroup(parent, sandbox_id, limits, own_pid=os.getpid())
-        except OSError:
-            return None
-
-    def _native_landlock(
-        self,
-        plan: FilesystemPlan,
-        facts: MachineFacts,
-        argv: Sequence[str],
-        path: str,
-        inherit: bool,
-    ) -> tuple[list[str], list[int], Prepared] | None:
-        """The native launcher's argv, its fds and the host-built ruleset; None where it
-        cannot be used (another architecture, memfds not executable, command not found)."""
-        if not memfd_exec_allowed():
-            return None
-        command = resolve_command(argv[0], path, plan)
-        if command is None:
-            return None
-        rules = host_side_rules_for_plan(
-            plan, abi=facts.landlock_abi, network=self.policy.network.access
-        )
-        prepared = prepare_ruleset(compile_ruleset(rules))
-        self_fd = os.memfd_create("corral-landlock-exec", os.MFD_CLOEXEC)
-        image = launcher_image(
-            host_arch(),
-            rules_fd=prepared.ruleset_fd,
-            self_fd=self_fd,
-            reset_terminal_signals=inherit,
-            inside_paths=inside_paths_for_plan(plan),
-            inside_access=handled_access_fs(facts.landlock_abi),
-        )
-        if image is None:
-            os.close(self_fd)
-            prepared.close()
-            return None
-        os.write(self_fd, image)
-        launcher = f"/proc/self/fd/{self_fd}"
-        return [launcher, command, *argv], [self_fd, prepared.ruleset_fd], prepared
-
-    def _landlock_fds(self, plan: FilesystemPlan, abi: int) -> tuple[int, int]:
-        """memfds holding corral.inner's bytecode (built once) and this plan's ruleset."""
+    def _inner_script(self) -> bytes:
+        """corral.inner's bytecode (compiled once per Sandbox; it depends on nothing else)."""
         if self._inner_code is None:
             self._inner_code = compiled_script()
-        rules = rules_for_plan(plan, abi=abi, network=self.policy.network.access)
-        return memfd_with("corral-inner", self._inner_code), open_rules_fd(rules)
+        return self._inner_code
 
     def _prepare_host(self) -> str:
         """Create what the plan needs on the host; return the empty file for hidden files."""
@@ -347,171 +265,64 @@ class Sandbox:
         """
         if not argv:
             raise UsageError("no command given")
-        policy = self.policy
         facts = self._machine()
         if self._backend is None:
-            self._backend = choose_backend(policy, facts)
-        workdir = self._check_cwd(cwd or policy.workspace)
+            self._backend = choose_backend(self.policy, facts)
+        workdir = self._check_cwd(cwd or self.policy.workspace)
         if session is None:
             stdin_fd = stdin if isinstance(stdin, int) else 0 if stdin is None else None
             interactive = stdin_fd is not None and stdin_fd >= 0 and os.isatty(stdin_fd)
             session = "inherit" if interactive else "new"
-        inherit = session == "inherit"
         sandbox_id = os.urandom(6).hex()
-        if self._backend == "landlock":
-            from corral.nsfree import spawn_nsfree
-
-            self._prepare_host()
-            return spawn_nsfree(
-                policy,
-                facts,
-                argv,
-                seccomp_program=self.seccomp_program(),
-                env=sandbox_environment(policy, os.environ if env is None else env),
-                workdir=workdir,
-                stdin=stdin,
-                stdout=stdout,
-                stderr=stderr,
-                pass_fds=pass_fds,
-                session=session,
-                sandbox_id=sandbox_id,
-                network=self.network,
-                monitor=lambda plan, writable: self._monitor_launch(
-                    plan, sandbox_id, writable=writable
-                ),
-            )
-        network = self.network()
-        empty_file = self._prepare_host()
-        plan = plan_filesystem(policy, gather_disk_facts(policy))
-        rlimits = launch_rlimits(policy.limits, facts)
-        # Limits go on the sandbox's pid 1 while bwrap waits at --block-fd: set there, the
-        # process limit counts the sandbox's own user namespace only (Linux >= 5.14).
-        held = apply_point(facts) == "sandbox-init"
-        child_side: list[int] = []  # the parent's copies, closed once the child has them
-        parent_side_objects: list[Prepared] = []  # host-built rulesets, closed after the spawn
-        parent_side: list[int] = []  # kept by the parent, closed only if the launch fails
-        command_net = None
-        journal = None
-        cgroup = self._make_cgroup(facts, sandbox_id) if held else None
-        watch = self._monitor_launch(plan, sandbox_id)
-        monitor: Monitor | None = None
-        try:
-            if network is not None:
-                command_net = network.for_command(sandbox_id)
-                argv = [*command_net.argv_prefix, *argv]
-            status_r, status_w = os.pipe()
-            parent_side.append(status_r)
-            child_side.append(status_w)
-            gate_r, gate_w = os.pipe() if held else (None, None)
-            if gate_r is not None and gate_w is not None:
-                child_side.append(gate_r)
-                parent_side.append(gate_w)
-            seccomp_fd = open_program_fd(self.seccomp_program())
-            child_side.append(seccomp_fd)
-            options = BwrapOptions(
-                cwd=workdir,
-                uid=os.getuid(),
-                gid=os.getgid(),
-                session=session,
-                bwrap_version=facts.bwrap_version or (0, 0, 0),
-                seccomp_fd=seccomp_fd,
-                status_fd=status_w,
-                block_fd=gate_r,
-                empty_file=empty_file,
-            )
-            native = None
-            inherited_too: list[int] = []
-            if facts.landlock_abi > 0:
-                native = self._native_landlock(plan, facts, argv, child_path(env), inherit)
-            if native is not None:
-                # The second wall, applied by a tiny native launcher just before exec.
-                inner_argv, native_fds, prepared = native
-                child_side.append(native_fds[0])  # the launcher's memfd
-                inherited_too = native_fds[1:]  # the ruleset: closed by `prepared` below
-                parent_side_objects.append(prepared)
-            elif facts.landlock_abi > 0:
-                # The same, by corral.inner (no native launcher for this machine or command).
-                script_fd, rules_fd = self._landlock_fds(plan, facts.landlock_abi)
-                child_side += [script_fd, rules_fd]
-                inner_argv = script_argv(
-                    os.path.realpath(sys.executable),
-                    script_fd=script_fd,
-                    rules_fd=rules_fd,
-                    command=list(argv),
-                    reset_terminal_signals=inherit,
-                )
-            else:
-                inner_argv = [*terminal_shim(), *argv] if inherit else list(argv)
-            command = bwrap_argv(
-                plan, options, inner_argv, bwrap=self._bwrap or facts.bwrap_path or "bwrap"
-            )
-            child_env = sandbox_environment(policy, os.environ if env is None else env)
-            if command_net is not None:
-                add_network_environment(child_env, command_net.env)
-            journal = create_placeholders(
-                plan.placeholders, journal_dir=f"{policy.host.state_dir}/placeholders"
-            )
-            preexec = preexec_for(inherit=inherit, rlimits=None if held else rlimits)
-            if preexec is None and watch is not None and not watch.vfork_safe:
-                preexec = _without_vfork
-            fds = [
-                *child_side,
-                *inherited_too,
-                *pass_fds,
-                *(command_net.pass_fds if command_net else ()),
-            ]
-
-            def start() -> subprocess.Popen[bytes]:
-                return subprocess.Popen(
-                    command,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    env=child_env,
-                    pass_fds=fds,
-                    close_fds=True,
-                    preexec_fn=preexec,
-                    process_group=None if inherit else 0,
-                )
-
-            if watch is None:
-                popen = start()
-            else:
-                popen, monitor = watch.spawn(start)
-        except BaseException as exc:
-            for fd in parent_side:
-                os.close(fd)
-            if journal is not None:
-                remove_placeholders(journal)
-            if cgroup is not None:
-                remove_cgroup(cgroup)
-            if isinstance(exc, OSError):
-                raise LaunchError(f"could not start the sandbox: {exc}") from exc
-            raise
-        finally:
-            for fd in child_side:
-                os.close(fd)
-            for prepared in parent_side_objects:
-                prepared.close()
-            if network is not None and command_net is not None:
-                network.after_spawn(command_net)
-        cleanups: list[Callable[[], None]] = []
-        if monitor is not None:
-            cleanups.append(lambda: self._stop_monitor(monitor))
-        if cgroup is not None:
-            cleanups.append(lambda: remove_cgroup(cgroup))
-        proc = SandboxProcess(
-            popen,
-            status_fd=status_r,
-            session=session,
-            journal=journal,
-            plan=plan,
-            sandbox_id=sandbox_id,
-            cleanup=_in_order(cleanups),
+        request = LaunchRequest(
+            argv, workdir, env, stdin, stdout, stderr, pass_fds, session, sandbox_id
         )
-        if gate_w is not None:
-            limit_then_release(proc, rlimits, gate_w, cgroup)
-        return proc
+        if self._backend == "landlock":
+            return self._spawn_without_namespaces(facts, request)
+        return self._spawn_in_bwrap(facts, request)
+
+    def _spawn_in_bwrap(self, facts: MachineFacts, request: LaunchRequest) -> SandboxProcess:
+        network = self.network()
+        context = BwrapContext(
+            policy=self.policy,
+            facts=facts,
+            bwrap=self._bwrap or facts.bwrap_path or "bwrap",
+            seccomp_program=self.seccomp_program(),
+            network=network,
+            empty_file=self._prepare_host(),
+            monitor_launch=self._monitor_launch,
+            stop_monitor=self._stop_monitor,
+            inner_code=self._inner_script,
+        )
+        plan = plan_filesystem(self.policy, gather_disk_facts(self.policy))
+        return start_in_bwrap(context, plan, request)
+
+    def _spawn_without_namespaces(
+        self, facts: MachineFacts, request: LaunchRequest
+    ) -> SandboxProcess:
+        """The Landlock-only backend (corral.nsfree)."""
+        from corral.nsfree import spawn_nsfree
+
+        policy = self.policy
+        self._prepare_host()
+        return spawn_nsfree(
+            policy,
+            facts,
+            request.argv,
+            seccomp_program=self.seccomp_program(),
+            env=sandbox_environment(policy, os.environ if request.env is None else request.env),
+            workdir=request.workdir,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            pass_fds=request.pass_fds,
+            session=request.session,
+            sandbox_id=request.sandbox_id,
+            network=self.network,
+            monitor=lambda plan, writable: self._monitor_launch(
+                plan, request.sandbox_id, writable=writable
+            ),
+        )
 
     def run(
         self,
@@ -547,20 +358,3 @@ class Sandbox:
             out, err, timed_out, truncated = capture_bounded(proc, input, timeout, limit)
         returncode = proc.returncode if proc.returncode is not None else -1
         return RunResult(returncode, out, err, timed_out, proc.sandbox_id, truncated)
-
-
-def _without_vfork() -> None:
-    """A preexec_fn that does nothing: having one makes subprocess fork instead of vfork,
-    which the violation monitor needs where vfork would deadlock (MonitorLaunch.vfork_safe)."""
-
-
-def _in_order(steps: Sequence[Callable[[], None]]) -> Callable[[], None] | None:
-    """One cleanup running `steps` in order (None when there are none)."""
-    if not steps:
-        return None
-
-    def run_all() -> None:
-        for step in steps:
-            step()
-
-    return run_all
