@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from corral.monitor import Monitor, MonitorLaunch
 
 from corral.backends.bubblewrap import Session
-from corral.backends.facts import gather_disk_facts
+from corral.backends.facts import DiskFacts, gather_disk_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
 from corral.backends.placeholders import sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch
@@ -93,6 +93,7 @@ class Sandbox:
         self._backend: Literal["bwrap", "landlock"] | None = None
         self._monitor = monitor
         self._notify_program: bytes | None = None
+        self._last_plan: tuple[Policy, DiskFacts, FilesystemPlan] | None = None
         self.monitored_calls = 0
         """System calls the violation monitor was notified of, over this Sandbox's finished
         commands (for the benchmark and tests: the monitor's cost is per call)."""
@@ -294,8 +295,25 @@ class Sandbox:
             stop_monitor=self._stop_monitor,
             inner_code=self._inner_script,
         )
-        plan = plan_filesystem(self.policy, gather_disk_facts(self.policy))
-        return start_in_bwrap(context, plan, request)
+        return start_in_bwrap(context, self._plan(), request)
+
+    def _plan(self) -> FilesystemPlan:
+        """This launch's filesystem plan, from disk facts gathered now.
+
+        The facts (what exists, what is a link and where it points) are read afresh for every
+        launch: they are the state of the disk, and a stale one would leave a new denied path
+        unprotected. Only the planning is reused: `plan_filesystem` is a pure function of the
+        policy and the facts, so when both equal the last launch's, so does the plan (all
+        tuples, never changed once made). Saves the planning, about 0.8 ms a launch.
+        """
+        policy = self.policy
+        facts = gather_disk_facts(policy)
+        last = self._last_plan
+        if last is not None and last[0] is policy and last[1] == facts:
+            return last[2]
+        plan = plan_filesystem(policy, facts)
+        self._last_plan = (policy, facts, plan)
+        return plan
 
     def _spawn_without_namespaces(
         self, facts: MachineFacts, request: LaunchRequest
