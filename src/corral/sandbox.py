@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from corral.monitor import Monitor, MonitorLaunch
 
 from corral.backends.bubblewrap import Session
-from corral.backends.facts import DiskFacts, gather_disk_facts
+from corral.backends.facts import DiskFacts, FactQuery, fact_query, gather_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
 from corral.backends.placeholders import sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch
@@ -94,6 +94,7 @@ class Sandbox:
         self._monitor = monitor
         self._notify_program: bytes | None = None
         self._last_plan: tuple[Policy, DiskFacts, FilesystemPlan] | None = None
+        self._fact_query: tuple[Policy, FactQuery] | None = None
         self.monitored_calls = 0
         """System calls the violation monitor was notified of, over this Sandbox's finished
         commands (for the benchmark and tests: the monitor's cost is per call)."""
@@ -307,7 +308,10 @@ class Sandbox:
         tuples, never changed once made). Saves the planning, about 0.8 ms a launch.
         """
         policy = self.policy
-        facts = gather_disk_facts(policy)
+        if self._fact_query is None or self._fact_query[0] is not policy:
+            # Which paths to look at depends on the policy alone; what they are, on the disk.
+            self._fact_query = (policy, fact_query(policy))
+        facts = gather_facts(self._fact_query[1])
         last = self._last_plan
         if last is not None and last[0] is policy and last[1] == facts:
             return last[2]
