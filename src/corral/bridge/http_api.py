@@ -21,13 +21,18 @@ Rules:
 2. The gate (http_gate.py) checks Host, token, rate and body size before any route runs.
 3. The event loop never blocks: quick Bridge calls run in Starlette's thread pool; waiting for a
    job runs on a pool of its own (`HttpLimits.max_waiters` threads), so requests that wait can
-   never starve the ones that decide an approval or read a job.
+   never starve the ones that decide an approval or read a job. A run that waits makes one
+   trip to a thread, not two (submit and wait on the same waiter) while a waiter is free.
+4. The hot path is lean (issue 8: the bridge adds < 3 ms to a launch): no per-request
+   dependency (the bearer scheme is documented by a twin app, see `_documenting_twin`), and a
+   job goes out as a Response serialised here from the `Job` model the route declares.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,9 +50,7 @@ from corral.bridge.http_gate import Gate, GateLimits
 from corral.bridge.http_models import (
     FINISHED_STATES,
     MAX_REQUESTED_WAIT_S,
-    Approval,
     ApprovalList,
-    CommandInfo,
     CommandList,
     Decision,
     DecisionRequest,
@@ -55,6 +58,9 @@ from corral.bridge.http_models import (
     Health,
     Job,
     RunRequest,
+    approval_body,
+    command_list,
+    job_body,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +69,7 @@ if TYPE_CHECKING:
 
 
 CLIENT = "http"
+JSON = "application/json"
 MAX_ID_CHARS = 200  # ids are short tokens; a longer one is refused before the Bridge sees it
 
 
@@ -140,15 +147,8 @@ def create_app(
         yield
         waiters.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(
-        title="corral bridge",
-        version="1",
-        description="Run pre-declared commands in corral sandboxes, with human approvals.",
-        docs_url=None,  # the interactive pages load scripts from elsewhere; the JSON is enough
-        redoc_url=None,
-        openapi_url="/openapi.json",
-        lifespan=lifespan,
-    )
+    app = FastAPI(**_APP_SETTINGS, lifespan=lifespan)
+    app.openapi = _documenting_twin().openapi  # type: ignore[method-assign]
     app.state.corral_bridge = _Context(bridge, http, waiters)
     install_error_handlers(app)
     app.include_router(health)
@@ -160,6 +160,28 @@ def create_app(
         limits=GateLimits(max_body_bytes, http.rate_per_s, http.burst),
     )
     return app
+
+
+_APP_SETTINGS: dict[str, Any] = {
+    "title": "corral bridge",
+    "version": "1",
+    "description": "Run pre-declared commands in corral sandboxes, with human approvals.",
+    "docs_url": None,  # the interactive pages load scripts from elsewhere; the JSON is enough
+    "redoc_url": None,
+    "openapi_url": "/openapi.json",
+}
+
+
+def _documenting_twin() -> FastAPI:
+    """An app with the same routes whose /v1 routes also depend on the bearer scheme, so that
+    its document says every /v1 operation needs the token. FastAPI learns of a security scheme
+    only from a dependency, and the served routes go without it: the gate has checked the
+    token already, and resolving the dependency would cost every request for nothing. The
+    approvals page is left out: its routes are not in the document either way."""
+    twin = FastAPI(**_APP_SETTINGS)
+    twin.include_router(health)
+    twin.include_router(api, dependencies=[Depends(_documented_bearer)])
+    return twin
 
 
 def _include_web(app: FastAPI, bridge: BridgeApi, token: str | TokenSource) -> None:
@@ -175,13 +197,40 @@ def _include_web(app: FastAPI, bridge: BridgeApi, token: str | TokenSource) -> N
         app.include_router(web_router(bridge, token=current))
 
 
-# -- routes: module-level endpoints; each app's own state comes in through `Ctx` --------------
+# -- routes: module-level endpoints; each app's own state is `_context(http)` ----------------
 
 
-class _Context(NamedTuple):
-    bridge: BridgeApi
-    http: HttpLimits
-    waiters: ThreadPoolExecutor
+class _Context:
+    """One app's Bridge, limits and waiter pool.
+
+    Waiting happens on `waiters`. A run that waits is submitted on the same waiter thread
+    (one hop instead of two) only while a waiter is free: with all of them busy, the submit
+    goes through Starlette's pool first, as for any quick call, so a full waiter pool delays
+    the wait but never the submission (validation, the approval request, the queue)."""
+
+    def __init__(self, bridge: BridgeApi, http: HttpLimits, waiters: ThreadPoolExecutor) -> None:
+        self.bridge = bridge
+        self.http = http
+        self.waiters = waiters
+        self._lock = threading.Lock()
+        self._in_flight = 0  # calls given to `waiters`, queued or running, not yet done
+
+    async def run(self, name: str, args: Mapping[str, object], *, wait_s: float | None) -> JobView:
+        """Submit; then, unless `wait_s` is None, wait up to `wait_s` for the job to finish."""
+        submit = functools.partial(self.bridge.submit, name, args, client=CLIENT)
+        if wait_s is not None and self._take_free_waiter():
+
+            def submit_and_wait() -> JobView:
+                view = submit()
+                if view.state in FINISHED_STATES:
+                    return view
+                return self.bridge.wait(view.id, timeout_s=wait_s)
+
+            return await self._on_waiter(submit_and_wait)
+        view = await run_in_threadpool(submit)
+        if wait_s is None or view.state in FINISHED_STATES:
+            return view
+        return await self.wait_for(view.id, wait_s)
 
     async def wait_for(self, job_id: str, seconds: float) -> JobView:
         deadline = time.monotonic() + seconds
@@ -190,10 +239,37 @@ class _Context(NamedTuple):
             # Measured when a waiter thread is free, so time spent queueing counts.
             return self.bridge.wait(job_id, timeout_s=max(0.0, deadline - time.monotonic()))
 
-        return await asyncio.get_running_loop().run_in_executor(self.waiters, wait)
+        with self._lock:
+            self._in_flight += 1
+        return await self._on_waiter(wait)
+
+    def _take_free_waiter(self) -> bool:
+        with self._lock:
+            if self._in_flight >= self.http.max_waiters:
+                return False
+            self._in_flight += 1
+            return True
+
+    async def _on_waiter(self, call: Callable[[], JobView]) -> JobView:
+        """Run `call` on a waiter thread; the caller has counted it in `_in_flight`."""
+        try:
+            future = self.waiters.submit(call)
+        except BaseException:
+            self._done()
+            raise
+        # Counted down when the call ends (or is cancelled before it starts), not when this
+        # request stops waiting for it: a cancelled request leaves its thread busy until then.
+        future.add_done_callback(self._done)
+        return await asyncio.wrap_future(future)
+
+    def _done(self, _: object = None) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
 
 def _context(request: Request) -> _Context:
+    # A plain call rather than a dependency: FastAPI resolves dependencies on every request,
+    # and runs a `def` one on a worker thread (a hop).
     context: _Context = request.app.state.corral_bridge
     return context
 
@@ -201,10 +277,10 @@ def _context(request: Request) -> _Context:
 async def _documented_bearer(
     _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
 ) -> None:
-    """The gate checks the token; this dependency only puts the scheme into the document."""
+    """The gate checks the token; this dependency only puts the scheme into the document
+    (it is on the routes of `_documenting_twin`, never on the served ones)."""
 
 
-Ctx = Annotated[_Context, Depends(_context)]
 Id = Annotated[str, Path(max_length=MAX_ID_CHARS)]
 WaitSeconds = Annotated[
     float,
@@ -215,7 +291,7 @@ WaitSeconds = Annotated[
 Offset = Annotated[int, Query(ge=0, description="the first byte of stdout to send")]
 
 health = APIRouter(tags=["health"])
-api = APIRouter(prefix="/v1", responses=_ERRORS, dependencies=[Depends(_documented_bearer)])
+api = APIRouter(prefix="/v1", responses=_ERRORS)
 _NOT_FINISHED: dict[int | str, dict[str, Any]] = {
     202: {"model": Job, "description": "not finished yet: poll /v1/jobs/{id}"}
 }
@@ -233,32 +309,33 @@ async def healthz() -> Health:
 
 
 @api.get("/commands", response_model=CommandList, tags=["commands"])
-async def list_commands(ctx: Ctx) -> CommandList:
-    return _command_list(ctx.bridge.commands)
+async def list_commands(http: Request) -> CommandList:
+    return command_list(_context(http).bridge.commands)
 
 
 @api.post("/commands/{name}/run", response_model=Job, tags=["commands"], responses=_NOT_FINISHED)
-async def run_command(ctx: Ctx, name: Id, request: RunRequest, response: Response) -> Job:
-    submit = functools.partial(ctx.bridge.submit, name, request.args, client=CLIENT)
-    view = await run_in_threadpool(submit)
-    if request.wait and view.state not in FINISHED_STATES:
-        seconds = min(request.timeout_s or MAX_REQUESTED_WAIT_S, ctx.http.sync_wait_s)
-        view = await ctx.wait_for(view.id, seconds)
-    return _job_response(view, response)
+async def run_command(http: Request, name: Id, request: RunRequest) -> Response:
+    ctx = _context(http)
+    wait_s = None
+    if request.wait:
+        wait_s = min(request.timeout_s or MAX_REQUESTED_WAIT_S, ctx.http.sync_wait_s)
+    return _job_response(await ctx.run(name, request.args, wait_s=wait_s))
 
 
 @api.get("/jobs/{job_id}", response_model=Job, tags=["jobs"], responses=_NOT_FINISHED)
-async def get_job(ctx: Ctx, job_id: Id, response: Response, wait_s: WaitSeconds = 0.0) -> Job:
+async def get_job(http: Request, job_id: Id, wait_s: WaitSeconds = 0.0) -> Response:
+    ctx = _context(http)
     view = await run_in_threadpool(ctx.bridge.job, job_id)
     if wait_s > 0 and view.state not in FINISHED_STATES:
         view = await ctx.wait_for(job_id, min(wait_s, ctx.http.sync_wait_s))
-    return _job_response(view, response)
+    return _job_response(view)
 
 
 @api.get(
     "/jobs/{job_id}/output", tags=["jobs"], response_class=StreamingResponse, responses=_OUTPUT
 )
-async def get_output(ctx: Ctx, job_id: Id, offset: Offset = 0) -> StreamingResponse:
+async def get_output(http: Request, job_id: Id, offset: Offset = 0) -> StreamingResponse:
+    ctx = _context(http)
     # The first read happens before the response starts, so an unknown job is a JSON 404.
     first = await run_in_threadpool(functools.partial(ctx.bridge.output, job_id, offset=offset))
     stream = _stream_output(ctx.bridge, job_id, offset, first, poll_s=ctx.http.output_poll_s)
@@ -270,23 +347,23 @@ async def get_output(ctx: Ctx, job_id: Id, offset: Offset = 0) -> StreamingRespo
 
 
 @api.get("/approvals", response_model=ApprovalList, tags=["approvals"])
-async def list_approvals(ctx: Ctx) -> ApprovalList:
-    pending = await run_in_threadpool(ctx.bridge.pending)
-    return ApprovalList(approvals=[_approval(p) for p in pending])
+async def list_approvals(http: Request) -> ApprovalList:
+    pending = await run_in_threadpool(_context(http).bridge.pending)
+    return ApprovalList(approvals=[approval_body(p) for p in pending])
 
 
 @api.post("/approvals/{approval_id}/approve", response_model=Decision, tags=["approvals"])
-async def approve(ctx: Ctx, approval_id: Id, body: DecisionRequest | None = None) -> Decision:
-    return await _decide(ctx, approval_id, body, approve=True)
+async def approve(http: Request, approval_id: Id, body: DecisionRequest | None = None) -> Decision:
+    return await _decide(_context(http), approval_id, body, approve=True)
 
 
 @api.post("/approvals/{approval_id}/deny", response_model=Decision, tags=["approvals"])
-async def deny(ctx: Ctx, approval_id: Id, body: DecisionRequest | None = None) -> Decision:
-    return await _decide(ctx, approval_id, body, approve=False)
+async def deny(http: Request, approval_id: Id, body: DecisionRequest | None = None) -> Decision:
+    return await _decide(_context(http), approval_id, body, approve=False)
 
 
 async def _decide(
-    ctx: Ctx, approval_id: str, body: DecisionRequest | None, *, approve: bool
+    ctx: _Context, approval_id: str, body: DecisionRequest | None, *, approve: bool
 ) -> Decision:
     reason = body.reason if body is not None else ""
     call = functools.partial(
@@ -314,63 +391,13 @@ async def _stream_output(
             return
 
 
-def _job_response(view: JobView, response: Response) -> Job:
-    if view.state not in FINISHED_STATES:
-        response.status_code = 202
-        response.headers["Location"] = f"/v1/jobs/{view.id}"
-    return Job(
-        id=view.id,
-        command=view.command,
-        argv=list(view.argv),
-        cwd=view.cwd,
-        state=view.state,
-        exit_code=view.exit_code,
-        stdout=view.stdout,
-        stderr=view.stderr,
-        truncated=view.truncated,
-        reason=view.reason,
-        approval_id=view.approval_id,
-        created=view.created,
-        finished=view.finished,
-    )
-
-
-def _approval(p: PendingApproval) -> Approval:
-    return Approval(
-        id=p.id,
-        job_id=p.job_id,
-        command=p.command,
-        argv=list(p.argv),
-        cwd=p.cwd,
-        policy_summary=p.policy_summary,
-        reason=p.reason,
-        client=p.client,
-        created=p.created,
-        expires=p.expires,
-    )
-
-
-def _command_list(commands: Sequence[Command]) -> CommandList:
-    # The same parameter schemas as the exported tools: one source for every front end.
-    from corral.bridge.tools import input_schema
-
-    return CommandList(
-        commands=[
-            CommandInfo(
-                name=command.name,
-                description=command.description,
-                parameters=input_schema(command, strict=False),
-                approval=_approval_rule(command),
-            )
-            for command in commands
-        ]
-    )
-
-
-def _approval_rule(command: Command) -> str:
-    rule = command.approval
-    if not rule.ask_when:
-        return rule.kind
-    return "ask when " + " or ".join(
-        f"{name} matches /{pattern.pattern}/" for name, pattern in rule.ask_when
-    )
+def _job_response(view: JobView) -> Response:
+    """The `Job` body as FastAPI would serialise it, in a Response of our own: the route
+    declares `response_model=Job` for the document only, since FastAPI neither validates a
+    returned Response again nor merges an injected `response: Response` into it, so the status
+    and Location are set here (set on an injected one, they would be lost)."""
+    body = job_body(view).model_dump_json()
+    if view.state in FINISHED_STATES:
+        return Response(body, media_type=JSON)
+    # Not finished yet: 202, and where to poll.
+    return Response(body, 202, {"Location": f"/v1/jobs/{view.id}"}, media_type=JSON)

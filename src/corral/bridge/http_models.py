@@ -9,9 +9,14 @@ Bridge's job, and its errors keep their own codes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from corral.bridge.declarations import Command
+    from corral.bridge.service import JobView, PendingApproval
 
 # A ceiling on what a client may ask to wait for in one request; the server's own limit
 # (HttpLimits.sync_wait_s) applies on top, and the shorter wins.
@@ -117,3 +122,65 @@ class DecisionRequest(_Request):
 class Decision(BaseModel):
     id: str
     decision: Literal["approved", "denied"]
+
+
+# -- the core's records as bodies ---------------------------------------------------------
+
+
+def job_body(view: JobView) -> Job:
+    return Job(
+        id=view.id,
+        command=view.command,
+        argv=list(view.argv),
+        cwd=view.cwd,
+        state=view.state,
+        exit_code=view.exit_code,
+        stdout=view.stdout,
+        stderr=view.stderr,
+        truncated=view.truncated,
+        reason=view.reason,
+        approval_id=view.approval_id,
+        created=view.created,
+        finished=view.finished,
+    )
+
+
+def approval_body(p: PendingApproval) -> Approval:
+    return Approval(
+        id=p.id,
+        job_id=p.job_id,
+        command=p.command,
+        argv=list(p.argv),
+        cwd=p.cwd,
+        policy_summary=p.policy_summary,
+        reason=p.reason,
+        client=p.client,
+        created=p.created,
+        expires=p.expires,
+    )
+
+
+def command_list(commands: Sequence[Command]) -> CommandList:
+    # The same parameter schemas as the exported tools: one source for every front end.
+    from corral.bridge.tools import input_schema
+
+    return CommandList(
+        commands=[
+            CommandInfo(
+                name=command.name,
+                description=command.description,
+                parameters=input_schema(command, strict=False),
+                approval=_approval_rule(command),
+            )
+            for command in commands
+        ]
+    )
+
+
+def _approval_rule(command: Command) -> str:
+    rule = command.approval
+    if not rule.ask_when:
+        return rule.kind
+    return "ask when " + " or ".join(
+        f"{name} matches /{pattern.pattern}/" for name, pattern in rule.ask_when
+    )
