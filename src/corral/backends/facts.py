@@ -43,7 +43,7 @@ class DiskFacts(NamedTuple):
 
 class _Resolver:
     """`os.path.realpath` for the many paths of one gathering, each directory resolved once,
-    and each path's lstat and stat read once (most of the policy's paths share a parent).
+    and each path's lstat (and stat, for a link) read once: most paths share their parents.
 
     The policy's ~60 paths share most of their directories (the home, the workspace), and
     realpath walks every component of every path with an lstat: about 350 system calls a
@@ -61,15 +61,19 @@ class _Resolver:
         self._stat: dict[str, os.stat_result | None] = {}
 
     def stat(self, path: str) -> os.stat_result | None:
-        """`os.stat` (symlinks followed), None where it fails."""
+        """`os.stat` (symlinks followed), None where it fails. Where the path's lstat shows
+        no symlink, stat would say the same (both follow the parents alike): no second call."""
+        st = self.lstat(path)
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            return st
         if path in self._stat:
             return self._stat[path]
         try:
-            st: os.stat_result | None = os.stat(path)
+            followed: os.stat_result | None = os.stat(path)
         except OSError:
-            st = None
-        self._stat[path] = st
-        return st
+            followed = None
+        self._stat[path] = followed
+        return followed
 
     def lstat(self, path: str) -> os.stat_result | None:
         if path in self._lstat:
