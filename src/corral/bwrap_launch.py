@@ -39,6 +39,7 @@ from corral.errors import LaunchError
 from corral.inner import Prepared, script_argv
 from corral.inner import prepare as prepare_ruleset
 from corral.launch import (
+    ScrubbedNames,
     child_path,
     limit_then_release,
     memfd_exec_allowed,
@@ -89,6 +90,8 @@ class BwrapContext(NamedTuple):
     stop_monitor: Callable[[Monitor], None]
     inner_code: Callable[[], bytes]
     """corral.inner's bytecode, for the Landlock layer where the native launcher is unusable."""
+    env_names: ScrubbedNames | None = None
+    """What the Sandbox knows already of which variable names the policy removes."""
 
 
 class _Fds:
@@ -134,7 +137,7 @@ def start_in_bwrap(
         inner_argv = _inner_argv(ctx, plan, argv, request, fds)
         command = bwrap_argv(plan, options, inner_argv, bwrap=ctx.bwrap)
         child_env = sandbox_environment(
-            ctx.policy, os.environ if request.env is None else request.env
+            ctx.policy, os.environ if request.env is None else request.env, names=ctx.env_names
         )
         if command_net is not None:
             add_network_environment(child_env, command_net.env)

@@ -17,15 +17,48 @@ from corral.backends.fsplan import FilesystemPlan
 from corral.backends.limits import RLimit, apply_rlimits, make_preexec, release_gate
 from corral.errors import LaunchError, SandboxUnavailable
 from corral.policy.environment import scrub_environment
-from corral.policy.model import Policy
+from corral.policy.model import EnvPolicy, Policy
 from corral.policy.paths import is_within
 from corral.probe import MachineFacts, can_use_namespaces
 from corral.process import SandboxProcess
 
 
-def sandbox_environment(policy: Policy, environ: Mapping[str, str]) -> dict[str, str]:
-    """The command's environment: secrets removed, caches and temp dirs pointed inside."""
-    env, _removed = scrub_environment(environ, policy.env)
+class ScrubbedNames:
+    """Which variable names a policy's env rules remove, learnt name by name.
+
+    `scrub_environment` decides on the name alone against the rules (never the value), so the
+    decision for a name holds as long as the rules do; a Sandbox keeps one of these and asks
+    scrub_environment only about names it has not seen, instead of matching every variable
+    against every pattern on every launch (about 0.4 ms with a typical environment). The
+    values always come from the environment given now.
+    """
+
+    def __init__(self, rules: EnvPolicy) -> None:
+        self.rules = rules
+        self._removed: dict[str, bool] = {}
+
+    def scrub(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """`scrub_environment(environ, self.rules)`'s variables that pass, in the same order."""
+        variables = list(environ.items())  # once: os.environ may change meanwhile
+        known = self._removed
+        unseen = [name for name, _value in variables if name not in known]
+        if unseen:
+            _kept, removed = scrub_environment(dict.fromkeys(unseen, ""), self.rules)
+            gone = set(removed)
+            for name in unseen:
+                known[name] = name in gone
+        return {name: value for name, value in variables if not known[name]}
+
+
+def sandbox_environment(
+    policy: Policy, environ: Mapping[str, str], *, names: ScrubbedNames | None = None
+) -> dict[str, str]:
+    """The command's environment: secrets removed, caches and temp dirs pointed inside.
+    `names`: what is known of the policy's env rules already (must be for `policy.env`)."""
+    if names is not None and names.rules is policy.env:
+        env = names.scrub(environ)
+    else:
+        env, _removed = scrub_environment(environ, policy.env)
     if policy.filesystem.private_tmp:
         env["TMPDIR"] = "/tmp"
     else:

@@ -29,7 +29,7 @@ from corral.backends.seccomp import SeccompOptions, build_filter, host_arch
 from corral.bwrap_launch import BwrapContext, File, LaunchRequest, start_in_bwrap
 from corral.errors import SandboxUnavailable, UsageError
 from corral.inner import compiled_script
-from corral.launch import choose_backend, ensure_empty_file, sandbox_environment
+from corral.launch import ScrubbedNames, choose_backend, ensure_empty_file, sandbox_environment
 from corral.network import (
     Ask,
     NetworkService,
@@ -95,6 +95,7 @@ class Sandbox:
         self._notify_program: bytes | None = None
         self._last_plan: tuple[Policy, DiskFacts, FilesystemPlan] | None = None
         self._fact_query: tuple[Policy, FactQuery] | None = None
+        self._env_names: ScrubbedNames | None = None
         self.monitored_calls = 0
         """System calls the violation monitor was notified of, over this Sandbox's finished
         commands (for the benchmark and tests: the monitor's cost is per call)."""
@@ -295,8 +296,15 @@ class Sandbox:
             monitor_launch=self._monitor_launch,
             stop_monitor=self._stop_monitor,
             inner_code=self._inner_script,
+            env_names=self._scrubbed_names(),
         )
         return start_in_bwrap(context, self._plan(), request)
+
+    def _scrubbed_names(self) -> ScrubbedNames:
+        """Which variable names this policy's env rules remove, as learnt so far."""
+        if self._env_names is None or self._env_names.rules is not self.policy.env:
+            self._env_names = ScrubbedNames(self.policy.env)
+        return self._env_names
 
     def _plan(self) -> FilesystemPlan:
         """This launch's filesystem plan, from disk facts gathered now.
@@ -332,7 +340,11 @@ class Sandbox:
             facts,
             request.argv,
             seccomp_program=self.seccomp_program(),
-            env=sandbox_environment(policy, os.environ if request.env is None else request.env),
+            env=sandbox_environment(
+                policy,
+                os.environ if request.env is None else request.env,
+                names=self._scrubbed_names(),
+            ),
             workdir=request.workdir,
             stdin=request.stdin,
             stdout=request.stdout,
