@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 from corral.backends.bubblewrap import Session
 from corral.backends.facts import DiskFacts, FactQuery, fact_query, gather_facts
 from corral.backends.fsplan import FilesystemPlan, plan_filesystem
-from corral.backends.placeholders import sweep_stale
+from corral.backends.placeholders import ensure_private_dir, sweep_stale
 from corral.backends.seccomp import SeccompOptions, build_filter, host_arch
 from corral.bwrap_launch import BwrapContext, File, LaunchRequest, start_in_bwrap
 from corral.errors import SandboxUnavailable, UsageError
@@ -241,11 +241,11 @@ class Sandbox:
         """Create what the plan needs on the host; return the empty file for hidden files."""
         policy = self.policy
         if policy.package_cache is not None:
-            os.makedirs(policy.package_cache, mode=0o700, exist_ok=True)
+            ensure_private_dir(policy.package_cache)
         # corral's own directories exist before the plan is made, so that they are protected
         # as directories rather than by placeholders.
         for own in (policy.host.machine_cache_dir, policy.host.state_dir):
-            os.makedirs(own, mode=0o700, exist_ok=True)
+            ensure_private_dir(own)
         sweep_stale(f"{policy.host.state_dir}/placeholders")
         return ensure_empty_file(f"{policy.host.state_dir}/empty")
 
