@@ -46,7 +46,8 @@ class SandboxProcess:
         Landlock-only backend), whose own pid is then the top of the sandbox."""
         self._popen = popen
         self._direct = status_fd is None
-        self._status = os.fdopen(status_fd, "rb") if status_fd is not None else None
+        # Unbuffered: each read is one read(2), so init_pid can stop as soon as the pid is in.
+        self._status = os.fdopen(status_fd, "rb", buffering=0) if status_fd is not None else None
         self._cleanup = cleanup
         self._status_text = b""
         self.session = session
@@ -60,19 +61,23 @@ class SandboxProcess:
         self.returncode: int | None = None
         self._init_pidfd: int | None = None
 
-    def _read_status_line(self) -> bytes:
-        if self._status is None:
-            return b""
-        line = self._status.readline()
-        self._status_text += line
-        return line
+    def _read_status_until_child_pid(self) -> None:
+        """Read bwrap's status until the sandbox's pid is in whole, or bwrap closed the pipe.
+
+        bwrap writes its first status line in pieces, the pid first and then one piece per
+        namespace; waiting for the whole line (readline) woke corral up once per piece,
+        eight times a launch. The pid is whole once anything follows its digits."""
+        while self._status is not None and _whole_int(self._status_text, b"child-pid") is None:
+            chunk = self._status.read(4096)
+            if not chunk:
+                return
+            self._status_text += chunk
 
     def init_pid(self) -> int | None:
         """Host pid of the sandbox's pid 1, from bwrap's --json-status-fd (read on demand)."""
         if self._direct:
             return self._popen.pid
-        if b"child-pid" not in self._status_text:
-            self._read_status_line()
+        self._read_status_until_child_pid()
         return _json_int(self._status_text, b"child-pid")
 
     def send_signal(self, sig: int) -> None:
@@ -161,6 +166,7 @@ class SandboxProcess:
         if self._status is not None:
             self._status_text += self._status.read()
             self._status.close()
+            self._status = None
         if self._cleanup is not None:
             self._cleanup()
             self._cleanup = None
@@ -190,6 +196,17 @@ class SandboxProcess:
         if self.returncode is None:
             self.kill()
             self.wait()
+
+
+def _whole_int(text: bytes, key: bytes) -> int | None:
+    """`_json_int`, but None while nothing follows the digits yet (more may be on the way)."""
+    at = text.find(b'"' + key + b'"')
+    colon = text.find(b":", at) if at >= 0 else -1
+    if colon < 0:
+        return None
+    rest = text[colon + 1 :].lstrip()
+    number = rest[: len(rest) - len(rest.lstrip(b"-0123456789"))]
+    return _json_int(text, key) if number and len(rest) > len(number) else None
 
 
 def _json_int(text: bytes, key: bytes) -> int | None:
