@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from corral.bridge.http_api import HttpLimits, _Context
+from corral.bridge.http_api import HttpLimits
 from corral.bridge.http_models import Job
+from corral.bridge.http_waits import Waits
 from corral.bridge.jobs import JobView
 from tests.helpers_bridge_http import FakeBridge
 from tests.test_bridge_http import AUTH, make_client
@@ -115,7 +116,7 @@ def test_a_full_waiter_pool_delays_the_wait_but_not_the_submission() -> None:
 def test_a_cancelled_request_gives_its_waiter_back_when_the_wait_ends() -> None:
     bridge = ThreadedBridge(hold=True)
     waiters = ThreadPoolExecutor(max_workers=1, thread_name_prefix=WAITER_PREFIX)
-    context = _Context(bridge, HttpLimits(max_waiters=1), waiters)
+    context = Waits(bridge, HttpLimits(max_waiters=1), waiters)
 
     async def scenario() -> Any:
         first = asyncio.ensure_future(context.run("echo", {}, wait_s=5.0))

@@ -22,7 +22,9 @@ Rules:
 3. The event loop never blocks: quick Bridge calls run in Starlette's thread pool; waiting for a
    job runs on a pool of its own (`HttpLimits.max_waiters` threads), so requests that wait can
    never starve the ones that decide an approval or read a job. A run that waits makes one
-   trip to a thread, not two (submit and wait on the same waiter) while a waiter is free.
+   trip to a thread: with the real Bridge, the submit, then the loop itself waits (the thread
+   that finishes the job hands it over: `Bridge.when_finished`), so it holds no thread; with
+   a Bridge without it, submit and wait on one waiter thread while a waiter is free.
 4. The hot path is lean (issue 8: the bridge adds < 3 ms to a launch): no per-request
    dependency (the bearer scheme is documented by a twin app, see `_documenting_twin`), and a
    job goes out as a Response serialised here from the `Job` model the route declares.
@@ -32,8 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -62,13 +62,13 @@ from corral.bridge.http_models import (
     command_list,
     job_body,
 )
+from corral.bridge.http_waits import Waits
 
 if TYPE_CHECKING:
     from corral.bridge.declarations import Command
     from corral.bridge.service import BridgeLimits, JobView, PendingApproval
 
 
-CLIENT = "http"
 JSON = "application/json"
 MAX_ID_CHARS = 200  # ids are short tokens; a longer one is refused before the Bridge sees it
 
@@ -149,7 +149,7 @@ def create_app(
 
     app = FastAPI(**_APP_SETTINGS, lifespan=lifespan)
     app.openapi = _documenting_twin().openapi  # type: ignore[method-assign]
-    app.state.corral_bridge = _Context(bridge, http, waiters)
+    app.state.corral_bridge = Waits(bridge, http, waiters)
     install_error_handlers(app)
     app.include_router(health)
     app.include_router(api)
@@ -200,77 +200,10 @@ def _include_web(app: FastAPI, bridge: BridgeApi, token: str | TokenSource) -> N
 # -- routes: module-level endpoints; each app's own state is `_context(http)` ----------------
 
 
-class _Context:
-    """One app's Bridge, limits and waiter pool.
-
-    Waiting happens on `waiters`. A run that waits is submitted on the same waiter thread
-    (one hop instead of two) only while a waiter is free: with all of them busy, the submit
-    goes through Starlette's pool first, as for any quick call, so a full waiter pool delays
-    the wait but never the submission (validation, the approval request, the queue)."""
-
-    def __init__(self, bridge: BridgeApi, http: HttpLimits, waiters: ThreadPoolExecutor) -> None:
-        self.bridge = bridge
-        self.http = http
-        self.waiters = waiters
-        self._lock = threading.Lock()
-        self._in_flight = 0  # calls given to `waiters`, queued or running, not yet done
-
-    async def run(self, name: str, args: Mapping[str, object], *, wait_s: float | None) -> JobView:
-        """Submit; then, unless `wait_s` is None, wait up to `wait_s` for the job to finish."""
-        submit = functools.partial(self.bridge.submit, name, args, client=CLIENT)
-        if wait_s is not None and self._take_free_waiter():
-
-            def submit_and_wait() -> JobView:
-                view = submit()
-                if view.state in FINISHED_STATES:
-                    return view
-                return self.bridge.wait(view.id, timeout_s=wait_s)
-
-            return await self._on_waiter(submit_and_wait)
-        view = await run_in_threadpool(submit)
-        if wait_s is None or view.state in FINISHED_STATES:
-            return view
-        return await self.wait_for(view.id, wait_s)
-
-    async def wait_for(self, job_id: str, seconds: float) -> JobView:
-        deadline = time.monotonic() + seconds
-
-        def wait() -> JobView:
-            # Measured when a waiter thread is free, so time spent queueing counts.
-            return self.bridge.wait(job_id, timeout_s=max(0.0, deadline - time.monotonic()))
-
-        with self._lock:
-            self._in_flight += 1
-        return await self._on_waiter(wait)
-
-    def _take_free_waiter(self) -> bool:
-        with self._lock:
-            if self._in_flight >= self.http.max_waiters:
-                return False
-            self._in_flight += 1
-            return True
-
-    async def _on_waiter(self, call: Callable[[], JobView]) -> JobView:
-        """Run `call` on a waiter thread; the caller has counted it in `_in_flight`."""
-        try:
-            future = self.waiters.submit(call)
-        except BaseException:
-            self._done()
-            raise
-        # Counted down when the call ends (or is cancelled before it starts), not when this
-        # request stops waiting for it: a cancelled request leaves its thread busy until then.
-        future.add_done_callback(self._done)
-        return await asyncio.wrap_future(future)
-
-    def _done(self, _: object = None) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-
-def _context(request: Request) -> _Context:
+def _context(request: Request) -> Waits:
     # A plain call rather than a dependency: FastAPI resolves dependencies on every request,
     # and runs a `def` one on a worker thread (a hop).
-    context: _Context = request.app.state.corral_bridge
+    context: Waits = request.app.state.corral_bridge
     return context
 
 
@@ -363,7 +296,7 @@ async def deny(http: Request, approval_id: Id, body: DecisionRequest | None = No
 
 
 async def _decide(
-    ctx: _Context, approval_id: str, body: DecisionRequest | None, *, approve: bool
+    ctx: Waits, approval_id: str, body: DecisionRequest | None, *, approve: bool
 ) -> Decision:
     reason = body.reason if body is not None else ""
     call = functools.partial(

@@ -14,6 +14,7 @@ is read and dropped, and `truncated` says so. A timeout kills the whole sandbox.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -87,6 +88,7 @@ class Job:
         self.finished: float | None = None
         self.process: SandboxProcess | None = None
         self.cancelled = False
+        self.watchers: list[Callable[[JobView], None]] = []  # see JobTable.watch
 
     def view(self) -> JobView:
         return JobView(
@@ -153,8 +155,41 @@ class JobTable:
                 self._finished.append(job.id)
                 while len(self._finished) > self._keep:
                     self._jobs.pop(self._finished.popleft(), None)
-            self.changed.notify_all()
+                # Only `wait` sleeps on `changed`, and only for a finish: waking it for any
+                # other move (or for output) costs a thread switch per job for nothing.
+                self.changed.notify_all()
+                self._tell_watchers(job)
             return True
+
+    def watch(self, job_id: str, callback: Callable[[JobView], None]) -> Callable[[], JobView]:
+        """Call `callback(view)` once, when the job finishes: from the thread that finishes
+        it, under the table's lock (so it must be quick and must not block), or at once from
+        this thread if it has finished. Returns `unwatch`: stop watching and get the job as it
+        is now. Lets a caller wait without a thread of its own (the HTTP edge's event loop)."""
+        job = self.get(job_id)
+        with self.changed:
+            if job.state in FINISHED:
+                view = job.view()
+            else:
+                job.watchers.append(callback)
+                return lambda: self._unwatch(job, callback)
+        callback(view)
+        return lambda: view
+
+    def _unwatch(self, job: Job, callback: Callable[[JobView], None]) -> JobView:
+        with self.changed:
+            if callback in job.watchers:
+                job.watchers.remove(callback)
+            return job.view()
+
+    def _tell_watchers(self, job: Job) -> None:
+        watchers, job.watchers = job.watchers, []
+        if watchers:
+            view = job.view()
+            for callback in watchers:
+                # A watcher's failure must not undo the finish this method is part of.
+                with contextlib.suppress(Exception):
+                    callback(view)
 
     def wait(self, job_id: str, timeout_s: float | None) -> JobView:
         job = self.get(job_id)
@@ -336,4 +371,3 @@ def _keep(job: Job, into: bytearray, chunk: bytes, table: JobTable) -> None:
         into += chunk[:room]
         if len(chunk) > room:
             job.truncated = True
-        table.changed.notify_all()

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from corral.policy.settings import MANAGED_SETTINGS
@@ -222,6 +222,13 @@ class Bridge:
     def wait(self, job_id: str, *, timeout_s: float | None) -> JobView:
         """The job once finished, or as it is when `timeout_s` has passed."""
         return self._table.wait(job_id, timeout_s)
+
+    def when_finished(
+        self, job_id: str, callback: Callable[[JobView], None]
+    ) -> Callable[[], JobView]:
+        """Call `callback(view)` once when the job finishes (see `JobTable.watch`: quick, from
+        the finishing thread); returns `unwatch`, which stops it and gives the job as it is."""
+        return self._table.watch(job_id, callback)
 
     def output(self, job_id: str, *, offset: int = 0) -> tuple[bytes, bool]:
         """stdout from byte `offset` on, and whether the job has finished (nothing more will
