@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from corral.audit.events import MemorySink
+from corral.audit.events import Event, MemorySink
 from corral.sandbox import Sandbox
 from tests.conftest import Canary, Layout
+from tests.helpers_cli import DEADLINE
 from tests.test_network_support import filtered_policy, resolve
 from tests.test_proxy_support import LoopbackServer, recv_all
 
@@ -162,5 +164,15 @@ def test_a_burst_of_published_connections_all_arrive(layout: Layout) -> None:
             with ThreadPoolExecutor(BURST) as pool:
                 answers = list(pool.map(fetch, range(BURST)))
             assert proc.wait(timeout=20) == 0
+        # A connection's event is recorded when the proxy has closed it, which can be just
+        # after the client here has its answer: wait for all of them before stopping it.
+        events = wait_for_events(sink, BURST)
     assert answers == [b"inside"] * BURST
-    assert [e.fields["error"] for e in sink.of_kind("network")] == [""] * BURST
+    assert [e.fields["error"] for e in events] == [""] * BURST
+
+
+def wait_for_events(sink: MemorySink, count: int) -> list[Event]:
+    deadline = time.monotonic() + DEADLINE
+    while len(found := sink.of_kind("network")) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
