@@ -15,9 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -28,6 +26,7 @@ from corral.errors import CorralError
 from tests.conftest import Layout
 from tests.helpers_bridge_http import write_declarations
 from tests.helpers_cli import DEADLINE, run_cli, write_settings
+from tests.test_audit_otlp import Collector
 
 
 class Syslog:
@@ -47,38 +46,6 @@ class Syslog:
             head, _, body = data.partition(": ")  # "<158>corral[PID]: {json}"
             found.append((int(head[1 : head.index(">")]), json.loads(body)))
         return found
-
-
-class Collector:
-    """An OTLP/HTTP logs receiver on loopback: keeps each request's headers and records."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                collector.requests.append((dict(self.headers), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(record["body"]["stringValue"])
-            for _headers, body in self.requests
-            for resource in body["resourceLogs"]
-            for scope in resource["scopeLogs"]
-            for record in scope["logRecords"]
-        ]
 
 
 @pytest.fixture
@@ -158,7 +125,7 @@ def test_a_run_reaches_syslog_and_otlp_and_the_log(
     # the refused write.
     assert sorted({prio for prio, _event in sent}) == [19 * 8 + 4, 19 * 8 + 6]
     assert story(collector.events()) == expected
-    assert {h["Authorization"] for h, _body in collector.requests} == {"Bearer t0ken"}
+    assert {h["Authorization"] for h in collector.headers} == {"Bearer t0ken"}
     violations = json.loads(corral(layout, "violations", "--json"))
     assert (violations["session_id"], violations["path"]) == (sid, target)
 

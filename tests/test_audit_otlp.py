@@ -94,10 +94,12 @@ OTLP_LOGS_SCHEMA: dict[str, Any] = {
 
 
 class Collector:
-    """A stand-in OTLP/HTTP receiver on loopback: records bodies, answers `status`."""
+    """A stand-in OTLP/HTTP receiver on loopback: records bodies and headers, answers
+    `status`."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
         self.status = 200
         self.gate = threading.Event()
@@ -110,6 +112,7 @@ class Collector:
                 length = int(self.headers["Content-Length"])
                 body = json.loads(self.rfile.read(length))
                 collector.paths.append(self.path)
+                collector.headers.append(dict(self.headers))
                 collector.bodies.append(body)
                 self.send_response(collector.status)
                 self.send_header("Content-Length", "0")
@@ -130,6 +133,10 @@ class Collector:
             for scope in resource["scopeLogs"]
             for record in scope["logRecords"]
         ]
+
+    def events(self) -> list[dict[str, Any]]:
+        """The audit events the records carry (each record's body is one event's JSON)."""
+        return [json.loads(record["body"]["stringValue"]) for record in self.records()]
 
 
 @pytest.fixture

@@ -4,22 +4,18 @@ same as with a thread that waits: 200 once finished, 202 with the job as it is o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.audit.events import MemorySink
 from corral.bridge.binding import bind
 from corral.bridge.declarations import parse_command
-from corral.bridge.http_api import create_app
 from corral.bridge.jobs import Job, JobTable, JobView
 from corral.bridge.service import Bridge
 from corral.hostpaths import host_paths
 from corral.policy.presets import preset_policy
 from tests.conftest import Layout
-from tests.helpers_bridge_http import TOKEN, write_declarations
-from tests.test_bridge_http import AUTH, BASE
+from tests.test_bridge_http import AUTH
+from tests.test_bridge_http_e2e import real  # noqa: F401 - the fixture, shared
 
 
 def _table_with_job() -> tuple[JobTable, Job]:
@@ -78,22 +74,9 @@ def test_a_failing_watcher_does_not_undo_the_finish() -> None:
     assert table.view("j1").state == "succeeded" and len(seen) == 1
 
 
-@pytest.fixture
-def real(layout: Layout) -> Iterator[tuple[TestClient, Bridge]]:
-    write_declarations(layout)
-    bridge = Bridge.from_settings(
-        layout.workspace,
-        audit=MemorySink(),
-        managed_path=f"{layout.root}/no-managed.json",
-        environ=layout.env,
-    )
-    with bridge:
-        app = create_app(bridge, token=TOKEN)
-        yield TestClient(app, base_url=BASE, raise_server_exceptions=False), bridge
-
-
 def test_a_run_that_waits_past_its_timeout_answers_202_with_the_job_as_it_is(
-    layout: Layout, real: tuple[TestClient, Bridge]
+    layout: Layout,
+    real: tuple[TestClient, Bridge],  # noqa: F811 - the fixture, imported from the e2e tests
 ) -> None:
     client, bridge = real
     body = {"args": {"p": "x.txt"}, "wait": True, "timeout_s": 0.2}
@@ -107,7 +90,9 @@ def test_a_run_that_waits_past_its_timeout_answers_202_with_the_job_as_it_is(
 
 
 @pytest.mark.usefixtures("sandbox_available")
-def test_runs_that_wait_answer_200_one_after_another(real: tuple[TestClient, Bridge]) -> None:
+def test_runs_that_wait_answer_200_one_after_another(
+    real: tuple[TestClient, Bridge],  # noqa: F811
+) -> None:
     # Each TestClient request runs on an event loop of its own that is closed afterwards: a
     # watch must resolve on the loop that is waiting, never on an old one.
     client, _ = real
