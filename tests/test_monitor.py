@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,3 +379,45 @@ def test_the_run_flag_chooses_the_monitor_over_the_settings(
         (BASH, True) if flag == "writes" else ("", False)
     )
     assert not os.path.exists(f"{layout.outside}/loot")
+
+
+# A supervisor above corral: a filter with a listener whose fd a parent keeps open (it only
+# watches acct(2), which nothing calls), the way a sandbox that corral's own monitor watches
+# looks to a corral started inside it. The kernel then refuses corral's listener (EBUSY).
+UNDER_ANOTHER_SUPERVISOR = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+code = [(0x20, 0, 0, 0), (0x15, 0, 1, 163), (0x06, 0, 0, 0x7FC00000), (0x06, 0, 0, 0x7FFF0000)]
+program = b"".join(struct.pack("<HBBI", *insn) for insn in code)
+buffer = ctypes.create_string_buffer(program, len(program))
+class Fprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+fprog = Fprog(len(code), ctypes.addressof(buffer))
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+listener = libc.syscall(317, 1, 8, ctypes.byref(fprog))  # seccomp, NEW_LISTENER
+assert listener >= 0, ctypes.get_errno()
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status = os.waitpid(child, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the script's numbers are x86_64's")
+def test_a_refused_filter_runs_the_command_unwatched(layout: Layout, tmp_path: Path) -> None:
+    script = tmp_path / "supervised.py"
+    script.write_text(UNDER_ANOTHER_SUPERVISOR)
+    loot = f"{layout.outside}/loot"
+    done = subprocess.run(
+        [sys.executable, str(script), sys.executable, "-m", "corral", "run", "--monitor",
+         "writes", "--", "bash", "-c", f"echo loot > {loot}; exit 0"],
+        cwd=layout.workspace, env=layout.env, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert b"the violation monitor cannot run here" in done.stderr
+    assert b"Device or resource busy" in done.stderr
+    # The refusal is still recorded, from the error output: no pid, no executable.
+    [row] = corral_json(layout, "violations", "--json")
+    assert (row["target"], row["executable"], row["pid"]) == (loot, "", 0)
+    assert not os.path.exists(loot)

@@ -139,7 +139,8 @@ def spawn_nsfree(
                 popen = start()
             else:
                 popen, running = watch.spawn(start)
-                cleanup = _stop_first(running.stop, cleanup)
+                if running is not None:
+                    cleanup = _stop_first(running.stop, cleanup)
     except BaseException as exc:
         cleanup()
         if isinstance(exc, (OSError, subprocess.SubprocessError)):

@@ -12,8 +12,8 @@ Refused attempts come from two sources, one per kind (corral.audit.violations, r
   executable;
 - breadcrumbs: when stderr is not a terminal (an agent reading a pipe), corral relays the
   command's stderr through itself and records each denial it names that the monitor does not
-  cover (everything with the monitor off, reads of hidden paths with "writes"). With "all"
-  there is no relay.
+  cover (everything with the monitor off, reads of hidden paths with "writes", everything
+  again if the kernel refuses the monitor's filter at launch).
 At exit (unless --quiet) it prints one line per refused attempt, file or network, that
 ignoreViolations does not cover; a refused connection is printed as it happens instead (the
 command may be waiting on it), and not again at exit.
@@ -78,8 +78,9 @@ def run_in_terminal(
         notify=None if quiet else partial(_say_now, violations),
     )  # fmt: skip
     # Not tied to --quiet: what was refused is recorded either way; --quiet only says nothing.
-    # With the monitor watching every open, the error output has nothing left to add.
-    watch = not os.isatty(2) and sandbox.monitoring != "all"
+    # Also with the monitor on: breadcrumbs of what it covers are dropped (violations.py rule
+    # 4), and they are what is left if the kernel refuses its filter at launch.
+    watch = not os.isatty(2)
     before = children_usage()
     proc = sandbox.spawn(argv, stderr=subprocess.PIPE if watch else None, session=session)
     record_session_start(

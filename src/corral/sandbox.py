@@ -92,6 +92,8 @@ class Sandbox:
         self._network_started = False
         self._backend: Literal["bwrap", "landlock"] | None = None
         self._monitor = monitor
+        self._monitor_refused: str | None = None
+        """Why the kernel would not install the monitor's filter for a command (then off)."""
         self._notify_program: bytes | None = None
         self._last_plan: tuple[Policy, DiskFacts, FilesystemPlan] | None = None
         self._fact_query: tuple[Policy, FactQuery] | None = None
@@ -144,7 +146,7 @@ class Sandbox:
         """What the violation monitor watches in this Sandbox's commands: the `monitor`
         argument, else the policy's monitor.violations; "off" where it cannot run here."""
         wanted = self._monitor or self.policy.monitor_violations
-        if wanted == "off":
+        if wanted == "off" or self._monitor_refused is not None:
             return "off"
         from corral.monitor import monitor_unavailable
 
@@ -187,7 +189,23 @@ class Sandbox:
             kernel=self._machine().kernel,
             opens=opens,
             launchers=launchers,
+            refused=lambda why: self._monitor_refused_for(sandbox_id, why),
         )
+
+    def _monitor_refused_for(self, sandbox_id: str, why: str) -> None:
+        """The command runs unwatched: its refused attempts come from the breadcrumbs again,
+        and so do those of the next commands, which do not try the filter again."""
+        from corral.audit.violations import RunViolations
+
+        first = self._monitor_refused is None
+        self._monitor_refused = why
+        if isinstance(self.sink, RunViolations):
+            self.sink.detach_monitor(sandbox_id)
+        if first and self._notify is not None:
+            self._notify(
+                f"corral: the violation monitor cannot run here ({why}); refused file "
+                "accesses are recorded from the command's error output only"
+            )
 
     def _stop_monitor(self, monitor: Monitor) -> None:
         monitor.stop()

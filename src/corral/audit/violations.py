@@ -174,6 +174,11 @@ class RunViolations:
         with self._lock:
             self._monitored[sandbox_id] = covered
 
+    def detach_monitor(self, sandbox_id: str) -> None:
+        """The monitor could not watch this run after all: its breadcrumbs count again."""
+        with self._lock:
+            self._monitored.pop(sandbox_id, None)
+
     def record_breadcrumbs(self, sandbox_id: str, crumbs: Iterable[Breadcrumb]) -> None:
         """Records each denial found in the command's error output as a violation. It has no
         pid or executable (pid 0): the error output does not say which process it was."""

@@ -86,9 +86,12 @@ class MonitorLaunch:
         kernel: str,
         opens: Opens,
         launchers: Collection[str] = (),
+        refused: Callable[[str], None] | None = None,
     ) -> None:
         """`program` is `build_notify_filter(opens=opens)`. `kernel`: `uname -r`. `launchers`
-        are executables whose own calls are not reports (bubblewrap)."""
+        are executables whose own calls are not reports (bubblewrap). `refused` hears why,
+        when the kernel will not install the filter here and the command runs unwatched."""
+        self._refused = refused
         import ctypes
         from _queue import SimpleQueue
 
@@ -124,10 +127,14 @@ class MonitorLaunch:
             receive_ends=kernel_version(kernel) >= RECEIVE_ENDS_KERNEL,
         )
 
-    def spawn(self, start: Callable[[], T]) -> tuple[T, Monitor]:
+    def spawn(self, start: Callable[[], T]) -> tuple[T, Monitor | None]:
         """Run `start` (which starts the sandbox's first process, e.g. subprocess.Popen) on a
         launcher thread under the filter, with the supervisor answering. Raises what `start`
-        raises, or OSError when the filter cannot be installed.
+        raises. Where the kernel refuses the filter (EBUSY under another supervisor's
+        listener, as in a sandbox nested in one corral watches; no user notification in some
+        container runtimes), `start` runs unwatched on the caller's thread, `refused` is told
+        why, and there is no Monitor: the monitor only observes, so the command must not lose
+        its run for it.
 
         The launcher thread then waits until `Monitor.stop`: it is the parent of the process
         it started, and bubblewrap's --die-with-parent (PR_SET_PDEATHSIG) fires when the
@@ -138,12 +145,14 @@ class MonitorLaunch:
         outcome: list[T] = []
         failure: list[BaseException] = []
 
+        refusal: list[OSError] = []
+
         def launcher() -> None:
             try:
                 listener = self._install()
             except OSError as exc:
-                self._listeners.put(None)
-                failure.append(exc)
+                self._listeners.put(None)  # the supervisor ends
+                refusal.append(exc)
                 started.set()
                 return
             self._listeners.put(listener)
@@ -158,6 +167,11 @@ class MonitorLaunch:
         thread = threading.Thread(target=launcher, name="corral-monitor-launch", daemon=True)
         thread.start()
         started.wait()
+        if refusal:
+            thread.join()
+            if self._refused is not None:
+                self._refused(str(refusal[0]))
+            return start(), None
         if failure:
             thread.join()
             raise failure[0]
