@@ -400,11 +400,14 @@ class SpoolServer:
         write_json_atomically(self.dirs.results, name, document, mode=self.dirs.file_mode)
 
     def _finish(self, rid: str, name: str, document: dict[str, object]) -> None:
-        """Write the one answer, then forget the request. Writing first: if corral dies in
-        between, the request is still in processing/ and gets answered at the next start."""
+        """Write the one answer, then forget the request. The pending note goes first, so an
+        agent that sees the answer never sees it still pending (for a moment it sees neither,
+        and the note said to keep waiting for the answer). Answer before forgetting: if corral
+        dies in between, the request is still in processing/ and gets answered at the next
+        start."""
         try:
-            write_json_atomically(self.dirs.results, name, document, mode=self.dirs.file_mode)
             remove_quietly(self.dirs.results, f"{rid}.pending.json")
+            write_json_atomically(self.dirs.results, name, document, mode=self.dirs.file_mode)
             remove_quietly(self.dirs.processing, f"{rid}.json")
         except OSError as exc:
             self.log(f"{rid}: cannot write {name}: {exc}")
