@@ -152,7 +152,7 @@ def serve(workspace: str, jobs: int) -> None:
 
     from corral.audit.spool import SpoolSink, spool_directory
     from corral.bridge.http_api import HttpLimits, create_app
-    from corral.bridge.serve import bind_loopback
+    from corral.bridge.serve import bind_loopback, uvicorn_config
     from corral.bridge.service import Bridge
     from corral.bridge.token import TokenFile, load_or_create
     from corral.hostpaths import host_paths
@@ -164,21 +164,9 @@ def serve(workspace: str, jobs: int) -> None:
         load_or_create(host.state_dir)
         http = HttpLimits(rate_per_s=UNTHROTTLED, burst=UNTHROTTLED, max_waiters=max(LEVELS))
         app = create_app(b, token=TokenFile(host.state_dir).current, http=http)
-        config = uvicorn.Config(
-            app,
-            http="h11",
-            ws="none",
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-            timeout_keep_alive=5,
-            h11_max_incomplete_event_size=16 * 1024,
-        )
         listener = bind_loopback(0)
         print(listener.getsockname()[1], flush=True)
-        uvicorn.Server(config).run(sockets=[listener])
+        uvicorn.Server(uvicorn_config(app)).run(sockets=[listener])
     audit.close()
 
 

@@ -17,29 +17,9 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from corral.bridge.errors import BridgeError
+from corral.bridge.jobs import JobView
 
 FINAL = ("succeeded", "failed", "denied", "timed_out")
-
-
-class FakeJob(NamedTuple):
-    id: str
-    command: str
-    argv: tuple[str, ...]
-    cwd: str
-    state: str
-    exit_code: int | None
-    stdout: str
-    stderr: str
-    truncated: bool
-    reason: str
-    approval_id: str | None
-    created: float
-    finished: float | None
-
-    def as_json(self) -> dict[str, object]:
-        document: dict[str, object] = dict(self._asdict())
-        document["argv"] = list(self.argv)
-        return document
 
 
 class FakePending(NamedTuple):
@@ -59,11 +39,11 @@ class FakeBridge:
         self.ask = ask
         self.submitted: list[tuple[str, dict[str, object]]] = []
         self.refused_for_capacity = 0
-        self._jobs: dict[str, FakeJob] = {}
+        self._jobs: dict[str, JobView] = {}
         self._ids = itertools.count(1)
         self._changed = threading.Condition()
 
-    def submit(self, name: str, args: Mapping[str, object], *, client: str) -> FakeJob:
+    def submit(self, name: str, args: Mapping[str, object], *, client: str) -> JobView:
         if name not in ("echo", *self.ask):
             raise BridgeError("unknown_command", f"no command named {name!r}", hint="see tools")
         text = args.get("text", "")
@@ -79,7 +59,7 @@ class FakeBridge:
                 raise BridgeError("too_many_jobs", "the bridge is busy")
             self.submitted.append((name, dict(args)))
             number = next(self._ids)
-            job = FakeJob(
+            job = JobView(
                 f"job{number}", name, ("echo", text), "/w", "queued", None, "", "", False, "",
                 None, time.time(), None,
             )  # fmt: skip
@@ -100,12 +80,12 @@ class FakeBridge:
             )
             self._changed.notify_all()
 
-    def wait(self, job_id: str, *, timeout_s: float | None) -> FakeJob:
+    def wait(self, job_id: str, *, timeout_s: float | None) -> JobView:
         with self._changed:
             self._changed.wait_for(lambda: self._jobs[job_id].state in FINAL, timeout_s)
             return self._jobs[job_id]
 
-    def job(self, job_id: str) -> FakeJob:
+    def job(self, job_id: str) -> JobView:
         return self._jobs[job_id]
 
     def pending(self) -> tuple[FakePending, ...]:

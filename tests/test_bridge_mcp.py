@@ -22,9 +22,10 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from corral.bridge.approvals import ApprovalStore, PendingApproval
 from corral.bridge.declarations import parse_command
+from corral.bridge.jobs import JobView
 from corral.bridge.tools import export_tools
 from tests.conftest import Layout
-from tests.helpers_bridge_fake import FakeBridge, FakeJob
+from tests.helpers_bridge_fake import FakeBridge
 
 DEADLINE = 30.0
 GREET: dict[str, Any] = {
@@ -237,7 +238,7 @@ def call_in_process(bridge: Any, name: str) -> types.CallToolResult:
 
 
 class BrokenBridge(FakeBridge):
-    def submit(self, name: str, args: Mapping[str, object], *, client: str) -> FakeJob:
+    def submit(self, name: str, args: Mapping[str, object], *, client: str) -> JobView:
         raise RuntimeError("disk on fire")
 
 

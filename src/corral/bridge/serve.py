@@ -59,11 +59,13 @@ import stat
 import sys
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError, UsageError
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from corral.bridge.service import Bridge
     from corral.bridge.spool import SpoolServer
 
@@ -280,7 +282,25 @@ def _serve_http(
 
     load_or_create(state_dir)  # the first start creates it, so `corral token` has one to print
     app = create_app(bridge, token=TokenFile(state_dir).current, http=HttpLimits())
-    config = uvicorn.Config(
+    server = uvicorn.Server(uvicorn_config(app))
+    _announce(where, workspace)
+    # uvicorn handles SIGTERM itself (a graceful shutdown), then raises it again with the
+    # handler it found. The default one would kill the process before `bridge.close()` turns
+    # pending approvals into denials; this one ends `corral serve` through its finally blocks.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        server.run(sockets=[listener])
+    except _Terminated:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def uvicorn_config(app: Any) -> uvicorn.Config:
+    """How `corral serve` runs uvicorn (bench/bridge.py measures the same server)."""
+    import uvicorn
+
+    return uvicorn.Config(
         app,
         http="h11",
         ws="none",
@@ -293,18 +313,6 @@ def _serve_http(
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers
     )
-    server = uvicorn.Server(config)
-    _announce(where, workspace)
-    # uvicorn handles SIGTERM itself (a graceful shutdown), then raises it again with the
-    # handler it found. The default one would kill the process before `bridge.close()` turns
-    # pending approvals into denials; this one ends `corral serve` through its finally blocks.
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        server.run(sockets=[listener])
-    except _Terminated:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(BaseException):  # not an error: the way out on SIGTERM
